@@ -1,0 +1,1 @@
+"""Input pipelines: webdataset tar shards through grain, ops, tokenizers, tools. Never imports vlm_jax."""
