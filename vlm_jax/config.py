@@ -1,0 +1,241 @@
+"""Config loading, command-line overrides and validation.
+
+Every recipe in `configs/` starts from `base_config()`, which is locked: a recipe or an override that names
+a key the base does not have, or gives a value of the wrong type, fails before anything compiles.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import re
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+
+class ConfigError(ValueError):
+    """A bad config; the message is one line naming the key or file."""
+
+
+# logical axis -> mesh axes; one table for the whole project.
+DEFAULT_SHARDING_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("proj", "tensor"),
+    ("layers", None),
+)
+
+CHOICES = {
+    "task": ("contrastive",),
+    "model.loss": ("sigmoid", "softmax"),
+    "model.dtype": ("float32", "bfloat16"),
+    "optim.name": ("adamw", "adafactor"),
+    "optim.decay": ("cosine", "rsqrt", "linear", "constant"),
+}
+REQUIRED = ("data.train_shards", "data.tokenizer")
+POSITIVE = ("total_steps", "batch_size", "log_every", "model.embed_dim", "model.text.max_len",
+            "model.image.image_size")
+
+
+def placeholder(kind: type) -> config_dict.FieldReference:
+    return config_dict.placeholder(kind)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key a recipe may set, with its type and default."""
+    c = ml_collections.ConfigDict()
+    c.task = "contrastive"
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 256
+    c.log_every = 50
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.eval_every = 0  # 0: evaluate at the end only.
+
+    c.model = ml_collections.ConfigDict()
+    c.model.loss = "sigmoid"
+    c.model.embed_dim = 768
+    c.model.dtype = "float32"
+    c.model.scan = False
+    c.model.remat = False
+    c.model.attention_impl = "xla"
+    c.model.image = ml_collections.ConfigDict()
+    c.model.image.variant = "B/16"
+    c.model.image.image_size = 224
+    c.model.image.pool = "map"
+    c.model.image.posemb = "learn"
+    c.model.text = ml_collections.ConfigDict()
+    c.model.text.size = "B"
+    c.model.text.vocab_size = 32_000
+    c.model.text.max_len = 64
+    c.model.text.pool = "last"
+    for tower in (c.model.image, c.model.text):  # Optional overrides of the named size.
+        for key in ("width", "depth", "mlp_dim", "num_heads"):
+            tower[key] = placeholder(int)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 0
+    c.optim.decay = "cosine"
+    c.optim.end_lr_factor = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 1e-4
+    c.optim.grad_clip_norm = 1.0
+    c.optim.no_decay = r"(^|/)(bias|scale|embedding|posemb|cls_token|probe|logit_scale|logit_bias)$"
+    c.optim.freeze = ""  # regex over parameter paths, e.g. LiT: r"^(image_encoder|image_proj)/"
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.sharding_rules = DEFAULT_SHARDING_RULES
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_shards = placeholder(str)
+    c.data.tokenizer = placeholder(str)
+    c.data.eval_shards = placeholder(str)
+    c.data.classnames = placeholder(str)  # JSON list of class names for zero-shot classification.
+    c.data.templates = placeholder(str)  # JSON list of prompt templates with one '{}'.
+    c.data.shuffle_buffer = 1000
+    c.data.num_workers = 0
+    c.data.eval_batch_size = 256
+    c.lock()
+    return c
+
+
+def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    """Loads `path[:arg]`, calls its `get_config(arg)`, applies `key=value` overrides, validates."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        module_spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    except (OSError, SyntaxError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} has no get_config(arg) function")
+    try:
+        config = module.get_config(arg or None)
+    except (AttributeError, TypeError, KeyError) as e:
+        raise ConfigError(f"config file {path}: {describe_config_error(e)}") from e
+    for override in overrides:
+        apply_override(config, override)
+    validate(config)
+    return config
+
+
+def describe_config_error(error: Exception) -> str:
+    """One line from ml_collections' long messages."""
+    message = str(error).strip("'\"")
+    unknown = re.search(r'Key "([^"]+)" does not exist', message)
+    if unknown:
+        return f"unknown key {unknown.group(1)!r}"
+    return message.splitlines()[0]
+
+
+def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+    """Applies one `dotted.key=value` override, parsing the value by the key's type."""
+    key, sep, raw = override.partition("=")
+    if not sep:
+        raise ConfigError(f"override {override!r} must look like key=value")
+    *parents, leaf = key.split(".")
+    node = config
+    for i, name in enumerate(parents):
+        if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+            raise ConfigError(f"unknown config key {'.'.join(parents[:i + 1])!r}")
+        node = node[name]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        raise ConfigError(f"unknown config key {key!r}")
+    expected = node.get_type(leaf)
+    try:
+        node[leaf] = parse_value(raw, expected)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key {key!r} expects {expected.__name__}, got {raw!r}") from e
+
+
+def parse_value(raw: str, expected: type) -> Any:
+    if expected is str:
+        return raw
+    if expected is bool:
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(raw)
+        return raw.lower() in ("true", "1")
+    if raw.lower() == "none":
+        return None
+    value = ast.literal_eval(raw)
+    if expected is float and isinstance(value, int):
+        value = float(value)
+    if not isinstance(value, expected):
+        raise TypeError(raw)
+    return value
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks choices, required fields and positive sizes; raises ConfigError naming the key."""
+    flat = flatten(config)
+    for key, choices in CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"config key {key!r} is {flat[key]!r}; choose from {choices}")
+    for key in REQUIRED:
+        if flat[key] is None:
+            raise ConfigError(f"config key {key!r} is required")
+    for key in POSITIVE:
+        if flat[key] <= 0:
+            raise ConfigError(f"config key {key!r} must be positive, got {flat[key]}")
+    if flat["optim.freeze"]:
+        try:
+            re.compile(flat["optim.freeze"])
+        except re.error as e:
+            raise ConfigError(f"config key 'optim.freeze' is not a valid regex: {e}") from e
+
+
+def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def save_config(config: ml_collections.ConfigDict, path: str) -> None:
+    with open(path, "w") as f:
+        f.write(config.to_json(indent=2))
+
+
+def load_saved_config(path: str) -> ml_collections.ConfigDict:
+    """Reads a config written by `save_config` back onto the base config (types restored)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"no saved config at {path}; was this workdir written by vlm_jax.train?")
+    with open(path) as f:
+        saved = json.load(f)
+    config = base_config()
+    for key, value in flatten(ml_collections.ConfigDict(saved)).items():
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        if leaf not in node:
+            raise ConfigError(f"saved config {path} has unknown key {key!r}")
+        node[leaf] = to_tuples(value) if isinstance(node[leaf], tuple) else value
+    validate(config)
+    return config
+
+
+def to_tuples(value: Any) -> Any:
+    return tuple(to_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -1,0 +1,179 @@
+"""Transformer building blocks shared by every tower.
+
+Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`, `proj`, `layers`);
+`vlm_jax.parallel.sharding` maps them to mesh axes. Shape key: B batch, N tokens, D width, M MLP width,
+H heads, K head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vlm_jax.kernels.attention import dot_product_attention
+
+Dtype = Any
+LAYERS_AXIS = "layers"
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+    """Hyper-parameters of a pre-LN transformer encoder stack."""
+
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    scan: bool = False
+    remat: bool = False
+    attention_impl: str = "xla"
+
+    def __post_init__(self):
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+
+
+def partitioned(init, names: tuple[str | None, ...]):
+    """An initializer whose parameter carries logical axis `names`."""
+    return nnx.with_partitioning(init, names)
+
+
+def layer_norm(width: int, dtype: Dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        width, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+        scale_init=partitioned(nnx.initializers.ones_init(), ("embed",)),
+        bias_init=partitioned(nnx.initializers.zeros_init(), ("embed",)))
+
+
+def dense(in_dim: int, out_dim: int, names: tuple[str, str], dtype: Dtype, rngs: nnx.Rngs,
+          kernel_init=nnx.initializers.xavier_uniform()) -> nnx.Linear:
+    return nnx.Linear(
+        in_dim, out_dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+        kernel_init=partitioned(kernel_init, names),
+        bias_init=partitioned(nnx.initializers.zeros_init(), (names[1],)))
+
+
+class MlpBlock(nnx.Module):
+    """Dense -> GELU -> Dense."""
+
+    def __init__(self, width: int, mlp_dim: int, dtype: Dtype, rngs: nnx.Rngs):
+        self.fc1 = dense(width, mlp_dim, ("embed", "mlp"), dtype, rngs)
+        self.fc2 = dense(mlp_dim, width, ("mlp", "embed"), dtype, rngs)
+
+    def __call__(self, x_BxNxD: jax.Array) -> jax.Array:
+        return self.fc2(nnx.gelu(self.fc1(x_BxNxD), approximate=True))
+
+
+class MultiHeadAttention(nnx.Module):
+    """Multi-head attention with per-head projection kernels: q/k/v [D, H, K], out [H, K, D]."""
+
+    def __init__(self, width: int, num_heads: int, dtype: Dtype, rngs: nnx.Rngs,
+                 attention_impl: str = "xla"):
+        head_dim = width // num_heads
+        self.attention_impl = attention_impl
+
+        def projection(in_features, out_features, in_names, out_names, axis):
+            init = nnx.initializers.xavier_uniform()  # LinearGeneral initialises the flattened kernel.
+            return nnx.LinearGeneral(
+                in_features, out_features, axis=axis, dtype=dtype, param_dtype=jnp.float32,
+                rngs=rngs, kernel_init=partitioned(init, in_names + out_names),
+                bias_init=partitioned(nnx.initializers.zeros_init(), out_names))
+
+        def qkv():
+            return projection(width, (num_heads, head_dim), ("embed",), ("heads", "kv"), -1)
+
+        self.query, self.key, self.value = qkv(), qkv(), qkv()
+        self.out = projection((num_heads, head_dim), width, ("heads", "kv"), ("embed",), (-2, -1))
+
+    def __call__(self, x_BxTxD: jax.Array, kv_BxSxD: jax.Array | None = None,
+                 mask_BxTxS: jax.Array | None = None) -> jax.Array:
+        """Self-attention, or cross-attention from `x` to `kv` when given."""
+        kv_BxSxD = x_BxTxD if kv_BxSxD is None else kv_BxSxD
+        q, k, v = self.query(x_BxTxD), self.key(kv_BxSxD), self.value(kv_BxSxD)
+        y_BxTxHxK = dot_product_attention(q, k, v, mask_BxTxS=mask_BxTxS, impl=self.attention_impl)
+        return self.out(y_BxTxHxK)
+
+
+class EncoderBlock(nnx.Module):
+    """Pre-LN transformer block: x + attn(ln(x)); x + mlp(ln(x))."""
+
+    def __init__(self, spec: EncoderSpec, rngs: nnx.Rngs):
+        self.ln1 = layer_norm(spec.width, spec.dtype, rngs)
+        self.attn = MultiHeadAttention(spec.width, spec.num_heads, spec.dtype, rngs, spec.attention_impl)
+        self.ln2 = layer_norm(spec.width, spec.dtype, rngs)
+        self.mlp = MlpBlock(spec.width, spec.mlp_dim, spec.dtype, rngs)
+
+    def __call__(self, x_BxNxD: jax.Array, mask_BxNxN: jax.Array | None = None) -> jax.Array:
+        x_BxNxD = x_BxNxD + self.attn(self.ln1(x_BxNxD), mask_BxTxS=mask_BxNxN)
+        return x_BxNxD + self.mlp(self.ln2(x_BxNxD))
+
+
+class Encoder(nnx.Module):
+    """A stack of `depth` blocks and a final LayerNorm; optionally scanned and/or rematerialised."""
+
+    def __init__(self, spec: EncoderSpec, rngs: nnx.Rngs):
+        self.spec = spec
+        if spec.scan:
+            @nnx.split_rngs(splits=spec.depth)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+            def make_stack(rngs):
+                return EncoderBlock(spec, rngs)
+
+            self.blocks = make_stack(rngs)
+        else:
+            self.blocks = nnx.List([EncoderBlock(spec, rngs) for _ in range(spec.depth)])
+        self.ln_final = layer_norm(spec.width, spec.dtype, rngs)
+
+    def __call__(self, x_BxNxD: jax.Array, mask_BxNxN: jax.Array | None = None) -> jax.Array:
+        def apply_block(block, x):
+            return block(x, mask_BxNxN)
+
+        if self.spec.remat:
+            apply_block = nnx.remat(apply_block)
+        if self.spec.scan:
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
+                      transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+            def run_stack(block, x):
+                return apply_block(block, x)
+
+            x_BxNxD = run_stack(self.blocks, x_BxNxD)
+        else:
+            for block in self.blocks:
+                x_BxNxD = apply_block(block, x_BxNxD)
+        return self.ln_final(x_BxNxD)
+
+
+class MapHead(nnx.Module):
+    """Multihead attention pooling: one learned probe attends over the tokens."""
+
+    def __init__(self, spec: EncoderSpec, rngs: nnx.Rngs):
+        self.probe = nnx.Param(partitioned(nnx.initializers.xavier_uniform(), (None, "embed"))(
+            rngs.params(), (1, spec.width), jnp.float32))
+        self.attn = MultiHeadAttention(spec.width, spec.num_heads, spec.dtype, rngs, spec.attention_impl)
+        self.ln = layer_norm(spec.width, spec.dtype, rngs)
+        self.mlp = MlpBlock(spec.width, spec.mlp_dim, spec.dtype, rngs)
+        self.dtype = spec.dtype
+
+    def __call__(self, x_BxNxD: jax.Array) -> jax.Array:
+        batch = x_BxNxD.shape[0]
+        probe_Bx1xD = jnp.broadcast_to(self.probe[...].astype(self.dtype), (batch, *self.probe.shape))
+        y_Bx1xD = self.attn(probe_Bx1xD, x_BxNxD)
+        y_Bx1xD = y_Bx1xD + self.mlp(self.ln(y_Bx1xD))
+        return y_Bx1xD[:, 0]
+
+
+def sincos_2d(height: int, width: int, dim: int, temperature: float = 10_000.0) -> np.ndarray:
+    """Fixed 2-D sine-cosine position embedding, [height * width, dim]."""
+    if dim % 4:
+        raise ValueError(f"width {dim} must be divisible by 4 for 2-D sin-cos position embeddings")
+    y, x = np.mgrid[:height, :width]
+    omega = 1.0 / temperature ** (np.arange(dim // 4) / (dim // 4 - 1 or 1))
+    y = y.reshape(-1)[:, None] * omega[None]
+    x = x.reshape(-1)[:, None] * omega[None]
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)

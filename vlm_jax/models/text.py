@@ -1,0 +1,68 @@
+"""Bidirectional text transformer encoder (the SigLIP / LiT text tower).
+
+Shape key: B batch, L tokens, D width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vlm_jax.models.layers import Dtype, Encoder, EncoderSpec, partitioned
+from vlm_jax.models.vit import parse_size
+
+POOLS = ("last", "first", "mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    size: str = "B"
+    vocab_size: int = 32_000
+    max_len: int = 64
+    pool: str = "last"
+    width: int | None = None  # the fields below override the named size
+    depth: int | None = None
+    mlp_dim: int | None = None
+    num_heads: int | None = None
+    dtype: Dtype = jnp.float32
+    scan: bool = False
+    remat: bool = False
+    attention_impl: str = "xla"
+
+    def encoder_spec(self) -> EncoderSpec:
+        width, depth, mlp_dim, heads = parse_size(self.size)
+        return EncoderSpec(
+            width=self.width or width, depth=self.depth or depth, mlp_dim=self.mlp_dim or mlp_dim,
+            num_heads=self.num_heads or heads, dtype=self.dtype, scan=self.scan, remat=self.remat,
+            attention_impl=self.attention_impl)
+
+
+class TextEncoder(nnx.Module):
+    """Token + learned position embeddings, pre-LN encoder, pooling; returns [B, D]."""
+
+    def __init__(self, config: TextConfig, rngs: nnx.Rngs):
+        if config.pool not in POOLS:
+            raise ValueError(f"unknown text pool {config.pool!r}; choose from {POOLS}")
+        spec = config.encoder_spec()
+        self.config = config
+        self.token_embed = nnx.Embed(
+            config.vocab_size, spec.width, dtype=config.dtype, param_dtype=jnp.float32, rngs=rngs,
+            embedding_init=partitioned(nnx.initializers.normal(0.02), ("vocab", "embed")))
+        self.posemb = nnx.Param(partitioned(nnx.initializers.normal(0.01), (None, "embed"))(
+            rngs.params(), (config.max_len, spec.width), jnp.float32))
+        self.encoder = Encoder(spec, rngs)
+
+    def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+        length = tokens_BxL.shape[1]
+        if length > self.config.max_len:
+            raise ValueError(f"text length {length} exceeds the model's max_len {self.config.max_len}")
+        x_BxLxD = self.token_embed(tokens_BxL) + self.posemb[:length].astype(self.config.dtype)
+        x_BxLxD = self.encoder(x_BxLxD)
+        if self.config.pool == "last":
+            return x_BxLxD[:, -1]
+        if self.config.pool == "first":
+            return x_BxLxD[:, 0]
+        return x_BxLxD.mean(axis=1)

@@ -1,0 +1,118 @@
+"""Vision Transformer image encoder, sized by name ("B/16", "So400m/14", ...).
+
+Shape key: B batch, H/W image height/width, N patches, D width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vlm_jax.models.layers import Dtype, Encoder, EncoderSpec, MapHead, partitioned, sincos_2d
+
+# name: (width, depth, mlp_dim, num_heads), as in the ViT, SigLIP and big_vision papers.
+SIZES = {
+    "mu": (32, 1, 128, 2),
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "So400m": (1152, 27, 4304, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+}
+POOLS = ("map", "gap", "tok")
+POSEMBS = ("learn", "sincos2d")
+
+
+def parse_size(size: str) -> tuple[int, int, int, int]:
+    """(width, depth, mlp_dim, num_heads) of a size name; an unknown name fails naming the choices."""
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; known sizes: {', '.join(SIZES)}")
+    return SIZES[size]
+
+
+def parse_variant(variant: str) -> tuple[str, int]:
+    """'B/16' -> ('B', 16)."""
+    name, sep, patch = variant.partition("/")
+    if not sep or not patch.isdigit():
+        raise ValueError(f"image variant {variant!r} must look like 'B/16' (size/patch)")
+    parse_size(name)
+    return name, int(patch)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    variant: str = "B/16"
+    image_size: int = 224
+    pool: str = "map"
+    posemb: str = "learn"
+    width: int | None = None  # the fields below override the named size
+    depth: int | None = None
+    mlp_dim: int | None = None
+    num_heads: int | None = None
+    dtype: Dtype = jnp.float32
+    scan: bool = False
+    remat: bool = False
+    attention_impl: str = "xla"
+
+    def encoder_spec(self) -> EncoderSpec:
+        width, depth, mlp_dim, heads = parse_size(parse_variant(self.variant)[0])
+        return EncoderSpec(
+            width=self.width or width, depth=self.depth or depth, mlp_dim=self.mlp_dim or mlp_dim,
+            num_heads=self.num_heads or heads, dtype=self.dtype, scan=self.scan, remat=self.remat,
+            attention_impl=self.attention_impl)
+
+
+class ViT(nnx.Module):
+    """Patch embedding + position embedding + pre-LN encoder + pooling; returns [B, D]."""
+
+    def __init__(self, config: ViTConfig, rngs: nnx.Rngs):
+        if config.pool not in POOLS:
+            raise ValueError(f"unknown image pool {config.pool!r}; choose from {POOLS}")
+        if config.posemb not in POSEMBS:
+            raise ValueError(f"unknown posemb {config.posemb!r}; choose from {POSEMBS}")
+        patch = parse_variant(config.variant)[1]
+        if config.image_size % patch:
+            raise ValueError(f"image_size {config.image_size} is not divisible by patch size {patch}")
+        spec = config.encoder_spec()
+        self.config, self.width = config, spec.width
+        self.grid = config.image_size // patch
+        self.patch_embed = nnx.Conv(
+            3, spec.width, kernel_size=(patch, patch), strides=(patch, patch), padding="VALID",
+            dtype=config.dtype, param_dtype=jnp.float32, rngs=rngs,
+            kernel_init=partitioned(nnx.initializers.lecun_normal(), (None, None, None, "embed")),
+            bias_init=partitioned(nnx.initializers.zeros_init(), ("embed",)))
+        num_tokens = self.grid**2 + (config.pool == "tok")
+        if config.pool == "tok":
+            self.cls_token = nnx.Param(partitioned(nnx.initializers.zeros_init(), ("embed",))(
+                rngs.params(), (spec.width,), jnp.float32))
+        if config.posemb == "learn":
+            self.posemb = nnx.Param(partitioned(nnx.initializers.normal(0.02), (None, "embed"))(
+                rngs.params(), (num_tokens, spec.width), jnp.float32))
+        self.encoder = Encoder(spec, rngs)
+        if config.pool == "map":
+            self.map_head = MapHead(spec, rngs)
+
+    def __call__(self, image_BxHxWx3: jax.Array) -> jax.Array:
+        cfg = self.config
+        x = self.patch_embed(image_BxHxWx3.astype(cfg.dtype))
+        x_BxNxD = x.reshape(x.shape[0], -1, self.width)
+        if cfg.pool == "tok":
+            cls_Bx1xD = jnp.broadcast_to(self.cls_token[...].astype(cfg.dtype), (x.shape[0], 1, self.width))
+            x_BxNxD = jnp.concatenate([cls_Bx1xD, x_BxNxD], axis=1)
+        if cfg.posemb == "learn":
+            x_BxNxD = x_BxNxD + self.posemb[...].astype(cfg.dtype)
+        else:
+            posemb = sincos_2d(self.grid, self.grid, self.width)
+            x_BxNxD = x_BxNxD.at[:, x_BxNxD.shape[1] - self.grid**2:].add(posemb.astype(cfg.dtype))
+        x_BxNxD = self.encoder(x_BxNxD)
+        if cfg.pool == "map":
+            return self.map_head(x_BxNxD)
+        if cfg.pool == "gap":
+            return x_BxNxD.mean(axis=1)
+        return x_BxNxD[:, 0]

@@ -1,0 +1,59 @@
+"""Logical axis names -> mesh axes, by the rules table in the config."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vlm_jax.config import ConfigError
+
+Rules = Sequence[tuple[str, Any]]
+
+
+def logical_to_mesh_spec(logical: Sequence[str | None], rules: Rules, mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec for one array whose dimensions carry `logical` names.
+
+    A mesh axis already used by an earlier dimension, or of size 1, is dropped (replicated).
+    """
+    table = dict(rules)
+    used, spec = set(), []
+    for name in logical:
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise ConfigError(f"unknown logical axis {name!r}; sharding_rules name {tuple(table)}")
+        target = table[name]
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else (axes or None))
+    return PartitionSpec(*spec)
+
+
+def logical_shardings(logical_specs: Any, rules: Rules, mesh: Mesh) -> Any:
+    """Maps a tree of logical PartitionSpecs to NamedShardings on `mesh`."""
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, logical_to_mesh_spec(tuple(spec), rules, mesh)),
+        logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+    """Sharding of an input batch: the leading dimension over the `batch` logical axis."""
+    return NamedSharding(mesh, logical_to_mesh_spec(("batch",), rules, mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
+    """How many ways the batch dimension is split."""
+    spec = logical_to_mesh_spec(("batch",), rules, mesh)[0]
+    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    size = 1
+    for axis in axes:
+        size *= mesh.shape[axis]
+    return size

@@ -1,0 +1,62 @@
+"""The contrastive objective (CLIP / ALIGN softmax, SigLIP sigmoid, LiT when the image tower is frozen).
+
+Shape key: B batch, E embedding width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from vlm_jax.models.text import TextConfig
+from vlm_jax.models.two_towers import TwoTowers
+from vlm_jax.models.vit import ViTConfig
+from vlm_jax.tasks.contrastive_losses import LOSSES
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SIZE_OVERRIDES = ("width", "depth", "mlp_dim", "num_heads")
+
+
+class ContrastiveTask:
+    """Builds a TwoTowers model from `config.model` and scores batches {"image", "text"}."""
+
+    batch_keys = ("image", "text")
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.loss_fn = LOSSES[config.model.loss]
+
+    def build_model(self, rngs: nnx.Rngs) -> TwoTowers:
+        m = self.config.model
+        shared = dict(dtype=DTYPES[m.dtype], scan=m.scan, remat=m.remat, attention_impl=m.attention_impl)
+        image = ViTConfig(
+            variant=m.image.variant, image_size=m.image.image_size, pool=m.image.pool,
+            posemb=m.image.posemb, **{k: m.image[k] for k in SIZE_OVERRIDES}, **shared)
+        text = TextConfig(
+            size=m.text.size, vocab_size=m.text.vocab_size, max_len=m.text.max_len, pool=m.text.pool,
+            **{k: m.text[k] for k in SIZE_OVERRIDES}, **shared)
+        return TwoTowers(image, text, m.embed_dim, m.loss, rngs)
+
+    def loss(self, model: TwoTowers, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(scalar loss, metrics) for one batch."""
+        zimg_BxE, ztxt_BxE, log_scale, bias = model(batch["image"], batch["text"])
+        loss = self.loss_fn(zimg_BxE, ztxt_BxE, log_scale, bias)
+        similarity_BxB = zimg_BxE @ ztxt_BxE.T
+        batch_size = similarity_BxB.shape[0]
+        metrics = {
+            "logit_scale": jnp.exp(log_scale),
+            "in_batch_i2t_top1": jnp.mean(jnp.argmax(similarity_BxB, axis=1) == jnp.arange(batch_size)),
+        }
+        if bias is not None:
+            metrics["logit_bias"] = bias
+        return loss, metrics
+
+    @staticmethod
+    def embed_image(model: TwoTowers, image: jax.Array) -> jax.Array:
+        return model.embed_image(image)
+
+    @staticmethod
+    def embed_text(model: TwoTowers, tokens: jax.Array) -> jax.Array:
+        return model.embed_text(tokens)

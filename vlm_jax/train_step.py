@@ -1,0 +1,31 @@
+"""The one jitted train step shared by every objective."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import optax
+from jax.sharding import NamedSharding
+
+from vlm_jax.train_state import StateLayout, TrainState
+
+
+def make_train_step(task, layout: StateLayout, batch_sharding: NamedSharding
+                    ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, Any]]]:
+    """jit(step) with explicit in/out shardings; the incoming state is donated."""
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        def loss_of(params):
+            return task.loss(layout.merge(params), batch)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+        updates, opt_state = layout.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+                   "lr": layout.schedule(state["step"])}
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    batch_shardings = {key: batch_sharding for key in task.batch_keys}
+    return jax.jit(train_step, in_shardings=(layout.shardings, batch_shardings),
+                   out_shardings=(layout.shardings, None), donate_argnums=0)
