@@ -1,0 +1,67 @@
+"""Orbax checkpoints of the train state and the data iterator: async, keep-N, atomic, auto-resume."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vlm_jax.pytree import leaves_with_path_str
+from vlm_jax.train_state import TrainState
+
+
+class CheckpointMismatchError(ValueError):
+    """The workdir holds a checkpoint of a different model."""
+
+
+def make_manager(workdir: str, save_every: int, keep: int) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=save_every, enable_async_checkpointing=True,
+        create=True)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: TrainState,
+         data_iterator: grain.DatasetIterator | None, force: bool = False) -> bool:
+    """Starts an async save when `step` is due (or `force`); returns whether one started."""
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> None:
+    """Fails with one line when the stored parameter shapes differ from the configured model's."""
+    stored = manager.item_metadata(step)["state"]
+    stored_shapes = {path: tuple(meta.shape) for path, meta in leaves_with_path_str(stored["params"])}
+    expected = {path: tuple(x.shape) for path, x in leaves_with_path_str(abstract_state["params"])}
+    directory = manager.directory
+    for path in sorted(set(stored_shapes) | set(expected)):
+        if stored_shapes.get(path) != expected.get(path):
+            raise CheckpointMismatchError(
+                f"{directory} holds a checkpoint of a different model: parameter {path!r} is "
+                f"{stored_shapes.get(path, 'absent')} there but {expected.get(path, 'absent')} in the config; "
+                "use a new workdir")
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState,
+            data_iterator: grain.DatasetIterator | None) -> TrainState:
+    """The train state of `step`, placed like `abstract_state`; the data iterator is restored in place."""
+    check_compatible(manager, step, abstract_state)
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    return manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+
+def restore_params(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> Any:
+    """Only the parameters of `step` (for evaluation and export)."""
+    return restore(manager, step, abstract_state, None)["params"]
+
+
+def host_copy(tree: Any) -> Any:
+    return jax.tree.map(np.asarray, jax.device_get(tree))

@@ -1,0 +1,26 @@
+"""Running a jitted function over a host array in mesh-sharded batches."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+
+def to_global_batch(host_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This process's part of a batch -> global jax.Arrays laid out by `sharding`."""
+    return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in host_batch.items()}
+
+
+def apply_in_batches(fn: Callable[[jax.Array], jax.Array], array: np.ndarray, batch_size: int,
+                     sharding: NamedSharding) -> np.ndarray:
+    """fn over `array` in chunks of `batch_size` (the last chunk padded), concatenated on the host."""
+    outputs = []
+    for start in range(0, len(array), batch_size):
+        chunk = array[start:start + batch_size]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
+        result = fn(to_global_batch({"x": padded}, sharding)["x"])
+        outputs.append(np.asarray(jax.device_get(result))[:len(chunk)])
+    return np.concatenate(outputs)

@@ -1,0 +1,158 @@
+"""Training entry point: one loop for every objective.
+
+    python -m vlm_jax.train --config=configs/demo/siglip_tiny.py --workdir=DIR [--config.key=value ...]
+
+Re-running the same command resumes from the newest complete checkpoint in DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+from data_pipelines import input_pipeline
+from vlm_jax import checkpoint
+from vlm_jax.config import ConfigError, load_config, save_config
+from vlm_jax.evaluate import EvalData, eval_batch_size, load_eval_data, run_evaluators
+from vlm_jax.evaluators.common import to_global_batch
+from vlm_jax.metrics import IntervalAverager, MetricsWriter, Progress
+from vlm_jax.parallel.mesh import make_mesh
+from vlm_jax.parallel.sharding import batch_sharding, data_parallel_size
+from vlm_jax.tasks import get_task
+from vlm_jax.train_state import init_train_state, make_state_layout, param_count
+from vlm_jax.train_step import make_train_step
+
+USER_ERRORS = (ConfigError, checkpoint.CheckpointMismatchError, FileNotFoundError, ValueError)
+
+
+def log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def make_train_iterator(config: ml_collections.ConfigDict):
+    """This process's iterator of host batches, from the configured shards."""
+    dataset = input_pipeline.make_train_dataset(
+        config.data.train_shards, config.data.tokenizer, global_batch_size=config.batch_size,
+        image_size=config.model.image.image_size, text_len=config.model.text.max_len, seed=config.seed,
+        shuffle_buffer=config.data.shuffle_buffer, num_workers=config.data.num_workers,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    return iter(dataset)
+
+
+def evaluate_and_log(step, task, layout, params, eval_data: EvalData | None, sharding, batch_size,
+                     writer: MetricsWriter) -> dict[str, float]:
+    if eval_data is None:
+        return {}
+    results = run_evaluators(task, layout, params, eval_data, sharding, batch_size)
+    writer.write(step, results)
+    log(f"eval at step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+    return results
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains (or resumes) to `config.total_steps`; returns the final evaluation results."""
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh(config.mesh)
+    sharding = batch_sharding(mesh, config.sharding_rules)
+    ways = data_parallel_size(mesh, config.sharding_rules)
+    if config.batch_size % ways:
+        raise ConfigError(f"batch_size {config.batch_size} is not divisible by the data-parallel size {ways}")
+    task = get_task(config)
+    layout = make_state_layout(task, config, mesh)
+    log(f"model: {param_count(layout):,} parameters; mesh {dict(mesh.shape)}")
+    data_iterator = make_train_iterator(config)
+    eval_data = load_eval_data(config)
+    manager = checkpoint.make_manager(workdir, config.checkpoint_every, config.keep_checkpoints)
+    start = manager.latest_step() or 0
+    if start:
+        state = checkpoint.restore(manager, start, layout.abstract_state, data_iterator)
+        log(f"resumed from {manager.directory} at step {start}")
+    else:
+        state = init_train_state(layout, config.seed)
+    if jax.process_index() == 0:
+        save_config(config, os.path.join(workdir, "config.json"))
+    train_step = make_train_step(task, layout, sharding)
+    writer = MetricsWriter(workdir)
+    averager, progress = IntervalAverager(), Progress(config.total_steps, config.batch_size, start)
+    eval_size = eval_batch_size(config, sharding)
+
+    def evaluate(step: int, params) -> dict[str, float]:
+        return evaluate_and_log(step, task, layout, params, eval_data, sharding, eval_size, writer)
+
+    to_write = None
+    for step in range(start + 1, config.total_steps + 1):
+        batch = to_global_batch(next(data_iterator), sharding)
+        state, metrics = train_step(state, batch)  # Dispatched before the previous metrics are fetched.
+        averager.add(metrics)
+        if to_write is not None:
+            write_metrics(*to_write, writer, progress)
+            to_write = None
+        if step % config.log_every == 0 or step == config.total_steps:
+            to_write = (step, averager.take())
+        checkpoint.save(manager, step, state, data_iterator, force=step == config.total_steps)
+        if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
+            evaluate(step, state["params"])
+    if to_write is not None:
+        write_metrics(*to_write, writer, progress)
+    manager.wait_until_finished()
+    results = evaluate(config.total_steps, state["params"])
+    if jax.process_index() == 0 and results:
+        with open(os.path.join(workdir, "eval_results.json"), "w") as f:
+            json.dump({"step": config.total_steps, **results}, f, indent=2)
+    writer.close()
+    manager.close()
+    return results
+
+
+def write_metrics(step: int, taken: list, writer: MetricsWriter, progress: Progress) -> None:
+    """Averages an interval's metrics, stops the run on a non-finite loss, writes and prints them."""
+    scalars = IntervalAverager.mean(taken)
+    if not math.isfinite(scalars["loss"]):
+        raise FloatingPointError(f"loss is {scalars['loss']} at step {step}; stopping the run")
+    writer.write(step, scalars)
+    log(progress.line(step, scalars))
+
+
+def parse_args(argv: list[str]) -> tuple[str, str, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="path/to/config.py[:arg]")
+    parser.add_argument("--workdir", required=True)
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    for item in rest:
+        if not item.startswith("--config."):
+            parser.error(f"unrecognised argument {item!r}; overrides look like --config.key=value")
+        overrides.append(item[len("--config."):])
+    return args.config, args.workdir, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    config_spec, workdir, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    started = time.perf_counter()
+    try:
+        config = load_config(config_spec, overrides)
+        results = train(config, workdir)
+    except USER_ERRORS as e:
+        if os.environ.get("VLM_JAX_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    log(f"done in {time.perf_counter() - started:.0f}s; metrics, TensorBoard events, checkpoints and "
+        f"eval_results.json are in {workdir}" + (f"; final eval {json.dumps(results)}" if results else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
