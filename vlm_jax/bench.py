@@ -1,0 +1,107 @@
+"""Benchmarks; each prints one JSON line.
+
+    python -m vlm_jax.bench step --config=configs/bench/siglip_s16.py [--steps=10] [--config.key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlm_jax.config import ConfigError, load_config
+from vlm_jax.evaluators.common import to_global_batch
+from vlm_jax.flops import two_towers_train_flops_per_sample
+from vlm_jax.parallel.mesh import make_mesh
+from vlm_jax.parallel.sharding import batch_sharding
+from vlm_jax.tasks import get_task
+from vlm_jax.train_state import init_train_state, make_state_layout, param_count
+from vlm_jax.train_step import make_train_step
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of `fn()` (which must block until its result is ready)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+    """Achieved FLOP/s of a large float32 matmul on the default device: the peak for MFU."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    return 2 * n**3 / median_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
+
+
+def synthetic_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    size, length = config.model.image.image_size, config.model.text.max_len
+    return {
+        "image": rng.uniform(-1, 1, (config.batch_size, size, size, 3)).astype(np.float32),
+        "text": rng.integers(0, config.model.text.vocab_size, (config.batch_size, length)).astype(np.int32),
+    }
+
+
+def bench_step(config, steps: int) -> dict:
+    """Median train-step time, throughput and MFU for `config` on synthetic inputs."""
+    mesh = make_mesh(config.mesh)
+    sharding = batch_sharding(mesh, config.sharding_rules)
+    task = get_task(config)
+    layout = make_state_layout(task, config, mesh)
+    state = init_train_state(layout, config.seed)
+    train_step = make_train_step(task, layout, sharding)
+    batch = to_global_batch(synthetic_batch(config, np.random.default_rng(0)), sharding)
+    compile_start = time.perf_counter()
+    state, metrics = train_step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - compile_start
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], m = train_step(holder["state"], batch)
+        jax.block_until_ready(m)
+
+    step_s = median_seconds(one_step, steps)
+    peak = matmul_peak_flops()
+    flops_per_sample = two_towers_train_flops_per_sample(config.model)
+    achieved = flops_per_sample * config.batch_size / step_s
+    return {
+        "bench": "step", "backend": jax.default_backend(), "devices": jax.device_count(),
+        "params": param_count(layout), "batch_size": config.batch_size, "first_step_s": round(compile_s, 2),
+        "median_step_s": round(step_s, 4), "samples_per_s": round(config.batch_size / step_s, 2),
+        "model_flops_per_sample": flops_per_sample, "achieved_flops_per_s": round(achieved),
+        "peak_matmul_flops_per_s": round(peak), "mfu": round(achieved / peak, 4),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    step = commands.add_parser("step", help="train-step time, samples/s and MFU")
+    step.add_argument("--config", required=True)
+    step.add_argument("--steps", type=int, default=10)
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    overrides = [item[len("--config."):] for item in rest if item.startswith("--config.")]
+    if len(overrides) != len(rest):
+        parser.error(f"unrecognised arguments {rest}")
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"config": args.config, **bench_step(config, args.steps)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

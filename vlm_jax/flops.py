@@ -1,0 +1,39 @@
+"""Analytic model FLOPs (multiply-adds count 2), the numerator of MFU.
+
+Training counts 3x the forward pass (forward + two backward matmuls). Embedding lookups are free.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from vlm_jax.models.text import TextConfig
+from vlm_jax.models.vit import ViTConfig, parse_variant
+
+
+def encoder_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> int:
+    """One sequence through `depth` pre-LN blocks: q/k/v/out and MLP matmuls plus attention."""
+    matmuls = 2 * tokens * (4 * width * width + 2 * width * mlp_dim)
+    attention = 2 * 2 * tokens * tokens * width  # q @ k^T and probs @ v
+    return depth * (matmuls + attention)
+
+
+def two_towers_train_flops_per_sample(model: ml_collections.ConfigDict) -> int:
+    """Training FLOPs for one image-text pair of the contrastive two-tower model."""
+    image = ViTConfig(variant=model.image.variant, image_size=model.image.image_size, pool=model.image.pool,
+                      width=model.image.width, depth=model.image.depth, mlp_dim=model.image.mlp_dim,
+                      num_heads=model.image.num_heads)
+    text = TextConfig(size=model.text.size, max_len=model.text.max_len, width=model.text.width,
+                      depth=model.text.depth, mlp_dim=model.text.mlp_dim, num_heads=model.text.num_heads)
+    img, txt = image.encoder_spec(), text.encoder_spec()
+    patch = parse_variant(image.variant)[1]
+    patches = (image.image_size // patch) ** 2
+    image_tokens = patches + (image.pool == "tok")
+    forward = (2 * patches * patch * patch * 3 * img.width
+               + encoder_forward_flops(image_tokens, img.width, img.depth, img.mlp_dim)
+               + encoder_forward_flops(text.max_len, txt.width, txt.depth, txt.mlp_dim)
+               + 2 * (img.width + txt.width) * model.embed_dim)
+    if image.pool == "map":
+        forward += 2 * (2 * patches * 2 * img.width * img.width + 2 * 2 * img.width * img.width
+                        + 2 * 2 * img.width * img.mlp_dim + 2 * 2 * patches * img.width)
+    return 3 * forward
