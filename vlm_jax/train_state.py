@@ -43,8 +43,8 @@ def make_state_layout(task, config: ml_collections.ConfigDict, mesh: Mesh) -> St
     """Shapes and shardings of the train state for `task`'s model, without allocating it."""
     abstract_model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract_model)
-    logical_specs = nnx.get_partition_spec(abstract_params).to_pure_dict()
-    abstract_params = abstract_params.to_pure_dict()
+    logical_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+    abstract_params = nnx.to_pure_dict(abstract_params)
     tx, schedule = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
     param_shardings = logical_shardings(logical_specs, config.sharding_rules, mesh)
     abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
@@ -63,7 +63,7 @@ def init_train_state(layout: StateLayout, seed: int) -> TrainState:
     """A fresh train state, created directly in its shardings."""
 
     def init(rng: jax.Array) -> TrainState:
-        params = nnx.state(layout.build_model(nnx.Rngs(params=rng))).to_pure_dict()
+        params = nnx.to_pure_dict(nnx.state(layout.build_model(nnx.Rngs(params=rng))))
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": layout.tx.init(params)}
 
     return jax.jit(init, out_shardings=layout.shardings)(jax.random.key(seed))

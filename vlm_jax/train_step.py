@@ -22,7 +22,7 @@ def make_train_step(task, layout: StateLayout, batch_sharding: NamedSharding
         (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
         updates, opt_state = layout.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
                    "lr": layout.schedule(state["step"])}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 

@@ -1,0 +1,33 @@
+# The two commands a new user needs:  make demo  (train + evaluate the demo)  and  make test.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+DATA := demo_out/data
+WORKDIR := demo_out/siglip_tiny
+
+.PHONY: install demo test clean-demo
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+$(DATA)/classnames.json: | install
+	$(BIN)/python -m data_pipelines.make_shards synthetic --out $(DATA)
+
+$(DATA)/spm.model: $(DATA)/classnames.json
+	$(BIN)/python -m data_pipelines.tokenizer train --shards '$(DATA)/train/*.tar' --vocab-size 1000 --out $@
+
+demo: install $(DATA)/spm.model
+	$(BIN)/python -m vlm_jax.train --config=configs/demo/siglip_tiny.py:$(DATA) --workdir=$(WORKDIR)
+	$(BIN)/python -m vlm_jax.evaluate --workdir=$(WORKDIR)
+	@echo "Demo finished: metrics.jsonl, tensorboard/, checkpoints/ and eval_results.json are in $(WORKDIR)"
+
+test: install
+	$(BIN)/python -m pytest -n 2 tests
+
+clean-demo:
+	rm -rf demo_out

@@ -1,0 +1,136 @@
+"""The train step: 1 device vs 8 simulated devices, checkpoint round trip, freezing, no hidden transfers."""
+
+import jax
+import numpy as np
+import pytest
+
+from vlm_jax import checkpoint
+from vlm_jax.config import ConfigError, base_config
+from vlm_jax.evaluators.common import to_global_batch
+from vlm_jax.parallel.mesh import make_mesh
+from vlm_jax.parallel.sharding import batch_sharding
+from vlm_jax.pytree import leaves_with_path_str
+from vlm_jax.tasks import get_task
+from vlm_jax.train_state import init_train_state, make_state_layout
+from vlm_jax.train_step import make_train_step
+
+BATCH = 16
+
+
+def tiny_config(**mesh):
+    c = base_config()
+    c.model.image.variant, c.model.image.image_size = "mu/8", 16
+    c.model.text.size, c.model.text.vocab_size, c.model.text.max_len = "mu", 64, 8
+    c.model.image.num_heads = c.model.text.num_heads = 4
+    c.model.embed_dim, c.batch_size, c.total_steps = 16, BATCH, 10
+    c.optim.warmup_steps = 2
+    c.data.train_shards = c.data.tokenizer = "unused"
+    for axis, size in mesh.items():
+        c.mesh[axis] = size
+    return c
+
+
+def make_batch(seed=0):
+    rng = np.random.default_rng(seed)
+    return {"image": rng.uniform(-1, 1, (BATCH, 16, 16, 3)).astype(np.float32),
+            "text": rng.integers(0, 64, (BATCH, 8)).astype(np.int32)}
+
+
+def setup(config, devices):
+    mesh = make_mesh(config.mesh, devices)
+    sharding = batch_sharding(mesh, config.sharding_rules)
+    task = get_task(config)
+    layout = make_state_layout(task, config, mesh)
+    return layout, sharding, make_train_step(task, layout, sharding)
+
+
+def run_steps(config, devices, steps=3):
+    layout, sharding, step_fn = setup(config, devices)
+    state, losses = init_train_state(layout, 0), []
+    for i in range(steps):
+        state, metrics = step_fn(state, to_global_batch(make_batch(i), sharding))
+        losses.append(float(metrics["loss"]))
+    return losses
+
+
+@pytest.fixture(scope="module")
+def single_device_losses():
+    return run_steps(tiny_config(), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh", [dict(data=8), dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2),
+                                  dict(data=1, fsdp=8), dict(data=4, tensor=2)])
+def test_eight_devices_match_one_device(single_device_losses, mesh):
+    losses = run_steps(tiny_config(**mesh), jax.devices())
+    np.testing.assert_allclose(losses, single_device_losses, rtol=1e-5)
+
+
+def test_parameters_are_sharded_by_logical_rules():
+    layout, _, _ = setup(tiny_config(data=2, fsdp=2, tensor=2), jax.devices())
+    specs = dict(leaves_with_path_str(jax.tree.map(lambda s: s.spec, layout.shardings["params"])))
+    assert specs["image_encoder/encoder/blocks/0/mlp/fc1/kernel"] == jax.P("fsdp", "tensor")
+    assert specs["image_encoder/encoder/blocks/0/attn/query/kernel"] == jax.P("fsdp", "tensor", None)
+    assert specs["logit_scale"] == jax.P()
+
+
+def test_save_restore_gives_identical_next_step(tmp_path):
+    config = tiny_config(data=4, fsdp=2)
+    layout, sharding, step_fn = setup(config, jax.devices())
+    state, _ = step_fn(init_train_state(layout, 0), to_global_batch(make_batch(0), sharding))
+    manager = checkpoint.make_manager(str(tmp_path), 1, 2)
+    assert checkpoint.save(manager, 1, state, None)
+    manager.wait_until_finished()
+    restored = checkpoint.restore(manager, 1, layout.abstract_state, None)
+    _, expected = step_fn(state, to_global_batch(make_batch(1), sharding))
+    _, resumed = step_fn(restored, to_global_batch(make_batch(1), sharding))
+    assert float(resumed["loss"]) == float(expected["loss"])
+
+
+def test_restoring_a_different_model_shape_fails_clearly(tmp_path):
+    config = tiny_config()
+    layout, sharding, _ = setup(config, jax.devices()[:1])
+    manager = checkpoint.make_manager(str(tmp_path), 1, 1)
+    checkpoint.save(manager, 1, init_train_state(layout, 0), None)
+    manager.wait_until_finished()
+    config.model.embed_dim = 32
+    other, _, _ = setup(config, jax.devices()[:1])
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="different model: parameter 'image_proj/bias'"):
+        checkpoint.restore(manager, 1, other.abstract_state, None)
+
+
+def test_lit_freezing_keeps_the_image_tower_fixed():
+    config = tiny_config()
+    config.optim.freeze = r"^(image_encoder|image_proj)/"
+    layout, sharding, step_fn = setup(config, jax.devices()[:1])
+    state = init_train_state(layout, 0)
+    before = dict(leaves_with_path_str(jax.device_get(state["params"])))
+    state, _ = step_fn(state, to_global_batch(make_batch(), sharding))
+    after = dict(leaves_with_path_str(jax.device_get(state["params"])))
+    frozen = [p for p in before if p.startswith(("image_encoder/", "image_proj/"))]
+    trained = [p for p in before if p not in frozen]
+    assert frozen and all(np.array_equal(before[p], after[p]) for p in frozen)
+    assert all(not np.array_equal(before[p], after[p]) for p in trained if p.endswith("kernel"))
+
+
+def test_freeze_regex_matching_nothing_fails():
+    config = tiny_config()
+    config.optim.freeze = "^vision_tower/"
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        setup(config, jax.devices()[:1])
+
+
+def test_step_makes_no_hidden_host_device_transfers():
+    config = tiny_config(data=8)
+    layout, sharding, step_fn = setup(config, jax.devices())
+    state = init_train_state(layout, 0)
+    batch = to_global_batch(make_batch(), sharding)
+    step_fn(state, batch)  # compile outside the guard
+    state = init_train_state(layout, 0)
+    with jax.transfer_guard("disallow"):
+        state, metrics = step_fn(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+
+
+def test_mesh_that_does_not_fit_the_devices_fails_clearly():
+    with pytest.raises(ConfigError, match="multiply to 6, but there are 8 devices"):
+        make_mesh(tiny_config(data=3, fsdp=2).mesh)
