@@ -101,6 +101,7 @@ def test_restoring_a_different_model_shape_fails_clearly(tmp_path):
 def test_lit_freezing_keeps_the_image_tower_fixed():
     config = tiny_config()
     config.optim.freeze = r"^(image_encoder|image_proj)/"
+    config.optim.warmup_steps = 0  # a non-zero first learning rate
     layout, sharding, step_fn = setup(config, jax.devices()[:1])
     state = init_train_state(layout, 0)
     before = dict(leaves_with_path_str(jax.device_get(state["params"])))

@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 
 from vlm_jax import optim
 from vlm_jax.parallel.sharding import logical_shardings, replicated
+from vlm_jax.pytree import leaves_with_path_str, map_with_path_str
 
 # One way to place variables everywhere: build abstract state, derive shardings, jit the initialiser.
 flax.config.update("flax_always_shard_variable", False)
@@ -48,15 +49,32 @@ def make_state_layout(task, config: ml_collections.ConfigDict, mesh: Mesh) -> St
     tx, schedule = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
     param_shardings = logical_shardings(logical_specs, config.sharding_rules, mesh)
     abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, abstract_opt_state, param_shardings,
-        transform_non_params=lambda _: replicated(mesh))
+    opt_shardings = optimizer_state_shardings(abstract_opt_state, abstract_params, param_shardings, mesh)
     shardings = {"step": replicated(mesh), "params": param_shardings, "opt_state": opt_shardings}
     shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
               "opt_state": abstract_opt_state}
     abstract_state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     return StateLayout(graphdef, task.build_model, tx, schedule, abstract_state, shardings, logical_specs)
+
+
+def optimizer_state_shardings(abstract_opt_state: Any, abstract_params: Any, param_shardings: Any,
+                              mesh: Mesh) -> Any:
+    """Each optimizer-state leaf shaped like a parameter (moments) is sharded like that parameter,
+    found by the parameter's path ending the leaf's path; everything else (counts, factored moments)
+    is replicated."""
+    by_path = {path: (x.shape, sharding) for (path, x), (_, sharding) in
+               zip(leaves_with_path_str(abstract_params), leaves_with_path_str(param_shardings))}
+
+    def sharding_for(path: str, leaf: jax.ShapeDtypeStruct):
+        parts = path.split("/")
+        for start in range(len(parts)):
+            shape, sharding = by_path.get("/".join(parts[start:]), (None, None))
+            if shape == leaf.shape:
+                return sharding
+        return replicated(mesh)
+
+    return map_with_path_str(sharding_for, abstract_opt_state)
 
 
 def init_train_state(layout: StateLayout, seed: int) -> TrainState:
