@@ -24,7 +24,7 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
         decay = optax.linear_schedule(cfg.lr, end_lr, decay_steps)
     elif cfg.decay == "rsqrt":
         timescale = max(warmup, 1)
-        decay = lambda step: cfg.lr * jnp.sqrt(timescale / (step + timescale))
+        decay = lambda step: cfg.lr * jnp.sqrt(timescale / (jnp.maximum(step, 0) + timescale))
     else:
         decay = optax.constant_schedule(cfg.lr)
     if not warmup:
