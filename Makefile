@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 DATA := demo_out/data
-WORKDIR := demo_out/siglip_tiny
+WORKDIR := demo_out/clip_tiny
 
 .PHONY: install demo test clean-demo
 
@@ -22,7 +22,7 @@ $(DATA)/spm.model: $(DATA)/classnames.json
 	$(BIN)/python -m data_pipelines.tokenizer train --shards '$(DATA)/train/*.tar' --vocab-size 1000 --out $@
 
 demo: install $(DATA)/spm.model
-	$(BIN)/python -m vlm_jax.train --config=configs/demo/siglip_tiny.py:$(DATA) --workdir=$(WORKDIR)
+	$(BIN)/python -m vlm_jax.train --config=configs/demo/clip_tiny.py:$(DATA) --workdir=$(WORKDIR)
 	$(BIN)/python -m vlm_jax.evaluate --workdir=$(WORKDIR)
 	@echo "Demo finished: metrics.jsonl, tensorboard/, checkpoints/ and eval_results.json are in $(WORKDIR)"
 

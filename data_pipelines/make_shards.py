@@ -73,7 +73,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     synth.add_argument("--out", required=True)
     synth.add_argument("--train-samples", type=int, default=20_000)
     synth.add_argument("--eval-samples", type=int, default=2_400)
-    synth.add_argument("--image-size", type=int, default=64)
+    synth.add_argument("--image-size", type=int, default=32)
     synth.add_argument("--samples-per-shard", type=int, default=1_000)
     synth.add_argument("--jpeg-quality", type=int, default=90)
     synth.add_argument("--seed", type=int, default=0)

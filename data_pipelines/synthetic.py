@@ -23,6 +23,8 @@ SHAPE_SYNONYMS: dict[str, list[str]] = {
     "triangle": ["triangle", "triangular shape", "wedge"],
     "cross": ["cross", "plus sign", "plus shape"],
 }
+# How often a caption names the shape by the class word (else by a synonym such as "disk").
+SYNONYM_RATE = [0.9]
 ZERO_SHOT_TEMPLATES: list[str] = [
     "a {}.",
     "a photo of a {}.",
@@ -113,7 +115,7 @@ def make_example(rng: np.random.Generator, label: int, image_size: int = 64) -> 
     bg = "dark" if rng.random() < 0.5 else "light"
     tone = int(rng.integers(25, 95) if bg == "dark" else rng.integers(165, 240))
 
-    r = image_size * (rng.uniform(0.22, 0.3) if size == "large" else rng.uniform(0.1, 0.15))
+    r = image_size * (rng.uniform(0.25, 0.32) if size == "large" else rng.uniform(0.15, 0.2))
     cell = image_size / 3
     cx = np.clip((col + 0.5 + rng.uniform(-0.15, 0.15)) * cell, r + 1, image_size - r - 1)
     cy = np.clip((row + 0.5 + rng.uniform(-0.15, 0.15)) * cell, r + 1, image_size - r - 1)
@@ -125,7 +127,7 @@ def make_example(rng: np.random.Generator, label: int, image_size: int = 64) -> 
     caption = str(rng.choice(_TEMPLATES)).format(
         size=rng.choice(_SIZES[size]),
         color=color,
-        shape=rng.choice(SHAPE_SYNONYMS[shape]),
+        shape=shape if rng.random() < SYNONYM_RATE[0] else rng.choice(SHAPE_SYNONYMS[shape][1:]),
         pos=_position_phrase(row, col, rng),
         where=_where(row, col, rng),
         bg=rng.choice(_BACKGROUNDS[bg]),

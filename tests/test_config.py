@@ -6,7 +6,7 @@ import pytest
 
 from vlm_jax.config import ConfigError, load_config, load_saved_config, save_config
 
-DEMO = "configs/demo/siglip_tiny.py"
+DEMO = "configs/demo/clip_tiny.py"
 
 
 def write_config(tmp_path, body: str) -> str:

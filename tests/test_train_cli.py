@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-DEMO = "configs/demo/siglip_tiny.py"
+DEMO = "configs/demo/clip_tiny.py"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.image.image_size=16", "--config.model.image.width=32", "--config.model.image.depth=1",
         "--config.model.text.width=32", "--config.model.text.depth=1", "--config.model.text.vocab_size=200",

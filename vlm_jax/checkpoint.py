@@ -22,7 +22,9 @@ def make_manager(workdir: str, save_every: int, keep: int) -> ocp.CheckpointMana
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=save_every, enable_async_checkpointing=True,
         create=True)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options,
+                                 item_handlers=handlers)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: TrainState,

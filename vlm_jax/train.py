@@ -19,6 +19,7 @@ import jax
 import ml_collections
 
 from data_pipelines import input_pipeline
+from data_pipelines.tokenizer import Tokenizer
 from vlm_jax import checkpoint
 from vlm_jax.config import ConfigError, load_config, save_config
 from vlm_jax.evaluate import EvalData, eval_batch_size, load_eval_data, run_evaluators
@@ -48,6 +49,14 @@ def make_train_iterator(config: ml_collections.ConfigDict):
     return iter(dataset)
 
 
+def check_tokenizer_fits(config: ml_collections.ConfigDict) -> None:
+    """Token ids beyond the embedding table would be clamped silently; refuse them instead."""
+    pieces = Tokenizer(config.data.tokenizer).vocab_size
+    if pieces > config.model.text.vocab_size:
+        raise ConfigError(f"tokenizer {config.data.tokenizer} has {pieces} pieces but "
+                          f"model.text.vocab_size is {config.model.text.vocab_size}")
+
+
 def evaluate_and_log(step, task, layout, params, eval_data: EvalData | None, sharding, batch_size,
                      writer: MetricsWriter) -> dict[str, float]:
     if eval_data is None:
@@ -66,6 +75,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ways = data_parallel_size(mesh, config.sharding_rules)
     if config.batch_size % ways:
         raise ConfigError(f"batch_size {config.batch_size} is not divisible by the data-parallel size {ways}")
+    check_tokenizer_fits(config)
     task = get_task(config)
     layout = make_state_layout(task, config, mesh)
     log(f"model: {param_count(layout):,} parameters; mesh {dict(mesh.shape)}")
@@ -110,6 +120,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             json.dump({"step": config.total_steps, **results}, f, indent=2)
     writer.close()
     manager.close()
+    if hasattr(data_iterator, "close"):
+        data_iterator.close()
     return results
 
 
