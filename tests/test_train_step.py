@@ -77,7 +77,7 @@ def test_save_restore_gives_identical_next_step(tmp_path):
     config = tiny_config(data=4, fsdp=2)
     layout, sharding, step_fn = setup(config, jax.devices())
     state, _ = step_fn(init_train_state(layout, 0), to_global_batch(make_batch(0), sharding))
-    manager = checkpoint.make_manager(str(tmp_path), 1, 2)
+    manager = checkpoint.make_manager(str(tmp_path), 2)
     assert checkpoint.save(manager, 1, state, None)
     manager.wait_until_finished()
     restored = checkpoint.restore(manager, 1, layout.abstract_state, None)
@@ -89,7 +89,7 @@ def test_save_restore_gives_identical_next_step(tmp_path):
 def test_restoring_a_different_model_shape_fails_clearly(tmp_path):
     config = tiny_config()
     layout, sharding, _ = setup(config, jax.devices()[:1])
-    manager = checkpoint.make_manager(str(tmp_path), 1, 1)
+    manager = checkpoint.make_manager(str(tmp_path), 1)
     checkpoint.save(manager, 1, init_train_state(layout, 0), None)
     manager.wait_until_finished()
     config.model.embed_dim = 32

@@ -18,22 +18,20 @@ class CheckpointMismatchError(ValueError):
     """The workdir holds a checkpoint of a different model."""
 
 
-def make_manager(workdir: str, save_every: int, keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=save_every, enable_async_checkpointing=True,
-        create=True)
+def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
     return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options,
                                  item_handlers=handlers)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: TrainState,
-         data_iterator: grain.DatasetIterator | None, force: bool = False) -> bool:
-    """Starts an async save when `step` is due (or `force`); returns whether one started."""
+         data_iterator: grain.DatasetIterator | None) -> bool:
+    """Starts an async save of `step` (the caller decides when); returns whether one started."""
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+    return manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
 def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> None:

@@ -90,7 +90,7 @@ def evaluate_workdir(workdir: str) -> dict[str, Any]:
     mesh = make_mesh(config.mesh)
     task = get_task(config)
     layout = make_state_layout(task, config, mesh)
-    manager = checkpoint.make_manager(workdir, config.checkpoint_every, config.keep_checkpoints)
+    manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")

@@ -81,7 +81,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     log(f"model: {param_count(layout):,} parameters; mesh {dict(mesh.shape)}")
     data_iterator = make_train_iterator(config)
     eval_data = load_eval_data(config)
-    manager = checkpoint.make_manager(workdir, config.checkpoint_every, config.keep_checkpoints)
+    manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
     start = manager.latest_step() or 0
     if start:
         state = checkpoint.restore(manager, start, layout.abstract_state, data_iterator)
@@ -108,7 +108,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             to_write = None
         if step % config.log_every == 0 or step == config.total_steps:
             to_write = (step, averager.take())
-        checkpoint.save(manager, step, state, data_iterator, force=step == config.total_steps)
+        if step % config.checkpoint_every == 0 or step == config.total_steps:
+            checkpoint.save(manager, step, state, data_iterator)
         if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
             evaluate(step, state["params"])
     if to_write is not None:
