@@ -41,9 +41,8 @@ CHOICES = {
     "optim.decay": ("cosine", "rsqrt", "linear", "constant"),
 }
 REQUIRED = ("data.train_shards", "data.tokenizer")
-POSITIVE = ("total_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "model.embed_dim",
-            "model.text.max_len",
-            "model.image.image_size")
+POSITIVE = ("total_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
+            "model.embed_dim", "model.text.max_len", "model.image.image_size")
 
 
 def placeholder(kind: type) -> config_dict.FieldReference:
