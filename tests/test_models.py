@@ -9,7 +9,8 @@ from flax import nnx
 import vlm_jax.train_state  # noqa: F401  (turns off eager variable sharding, as the trainer does)
 from vlm_jax.models.text import TextConfig, TextEncoder
 from vlm_jax.models.two_towers import TwoTowers
-from vlm_jax.models.vit import SIZES, ViT, ViTConfig
+from vlm_jax.models.layers import SIZES
+from vlm_jax.models.vit import ViT, ViTConfig
 
 
 def num_params(module) -> int:

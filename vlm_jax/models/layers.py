@@ -39,6 +39,49 @@ class EncoderSpec:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
 
 
+# name: (width, depth, mlp_dim, num_heads), as in the ViT, SigLIP and big_vision papers.
+SIZES = {
+    "mu": (32, 1, 128, 2),
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "So400m": (1152, 27, 4304, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+}
+
+
+def parse_size(size: str) -> tuple[int, int, int, int]:
+    """(width, depth, mlp_dim, num_heads) of a size name; an unknown name fails naming the choices."""
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; known sizes: {', '.join(SIZES)}")
+    return SIZES[size]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TowerOptions:
+    """What every tower config shares: overrides of its named size, compute dtype, scan, remat, attention."""
+
+    width: int | None = None
+    depth: int | None = None
+    mlp_dim: int | None = None
+    num_heads: int | None = None
+    dtype: Dtype = jnp.float32
+    scan: bool = False
+    remat: bool = False
+    attention_impl: str = "xla"
+
+    def spec_for(self, size: str) -> EncoderSpec:
+        """The encoder of the named `size` with this config's overrides applied."""
+        width, depth, mlp_dim, heads = parse_size(size)
+        return EncoderSpec(
+            width=self.width or width, depth=self.depth or depth, mlp_dim=self.mlp_dim or mlp_dim,
+            num_heads=self.num_heads or heads, dtype=self.dtype, scan=self.scan, remat=self.remat,
+            attention_impl=self.attention_impl)
+
+
 def partitioned(init, names: tuple[str | None, ...]):
     """An initializer whose parameter carries logical axis `names`."""
     return nnx.with_partitioning(init, names)

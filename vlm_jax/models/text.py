@@ -11,33 +11,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlm_jax.models.layers import Dtype, Encoder, EncoderSpec, partitioned
-from vlm_jax.models.vit import parse_size
+from vlm_jax.models.layers import Encoder, EncoderSpec, TowerOptions, partitioned
 
 POOLS = ("last", "first", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
-class TextConfig:
+class TextConfig(TowerOptions):
     size: str = "B"
     vocab_size: int = 32_000
     max_len: int = 64
     pool: str = "last"
-    width: int | None = None  # the fields below override the named size
-    depth: int | None = None
-    mlp_dim: int | None = None
-    num_heads: int | None = None
-    dtype: Dtype = jnp.float32
-    scan: bool = False
-    remat: bool = False
-    attention_impl: str = "xla"
 
     def encoder_spec(self) -> EncoderSpec:
-        width, depth, mlp_dim, heads = parse_size(self.size)
-        return EncoderSpec(
-            width=self.width or width, depth=self.depth or depth, mlp_dim=self.mlp_dim or mlp_dim,
-            num_heads=self.num_heads or heads, dtype=self.dtype, scan=self.scan, remat=self.remat,
-            attention_impl=self.attention_impl)
+        return self.spec_for(self.size)
 
 
 class TextEncoder(nnx.Module):

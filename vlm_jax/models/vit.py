@@ -11,29 +11,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlm_jax.models.layers import Dtype, Encoder, EncoderSpec, MapHead, partitioned, sincos_2d
+from vlm_jax.models.layers import Encoder, EncoderSpec, MapHead, TowerOptions, parse_size, partitioned, sincos_2d
 
-# name: (width, depth, mlp_dim, num_heads), as in the ViT, SigLIP and big_vision papers.
-SIZES = {
-    "mu": (32, 1, 128, 2),
-    "Ti": (192, 12, 768, 3),
-    "S": (384, 12, 1536, 6),
-    "M": (512, 12, 2048, 8),
-    "B": (768, 12, 3072, 12),
-    "L": (1024, 24, 4096, 16),
-    "So400m": (1152, 27, 4304, 16),
-    "H": (1280, 32, 5120, 16),
-    "g": (1408, 40, 6144, 16),
-}
 POOLS = ("map", "gap", "tok")
 POSEMBS = ("learn", "sincos2d")
-
-
-def parse_size(size: str) -> tuple[int, int, int, int]:
-    """(width, depth, mlp_dim, num_heads) of a size name; an unknown name fails naming the choices."""
-    if size not in SIZES:
-        raise ValueError(f"unknown model size {size!r}; known sizes: {', '.join(SIZES)}")
-    return SIZES[size]
 
 
 def parse_variant(variant: str) -> tuple[str, int]:
@@ -46,26 +27,14 @@ def parse_variant(variant: str) -> tuple[str, int]:
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(TowerOptions):
     variant: str = "B/16"
     image_size: int = 224
     pool: str = "map"
     posemb: str = "learn"
-    width: int | None = None  # the fields below override the named size
-    depth: int | None = None
-    mlp_dim: int | None = None
-    num_heads: int | None = None
-    dtype: Dtype = jnp.float32
-    scan: bool = False
-    remat: bool = False
-    attention_impl: str = "xla"
 
     def encoder_spec(self) -> EncoderSpec:
-        width, depth, mlp_dim, heads = parse_size(parse_variant(self.variant)[0])
-        return EncoderSpec(
-            width=self.width or width, depth=self.depth or depth, mlp_dim=self.mlp_dim or mlp_dim,
-            num_heads=self.num_heads or heads, dtype=self.dtype, scan=self.scan, remat=self.remat,
-            attention_impl=self.attention_impl)
+        return self.spec_for(parse_variant(self.variant)[0])
 
 
 class ViT(nnx.Module):
