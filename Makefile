@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA := demo_out/data
 WORKDIR := demo_out/clip_tiny
 
-.PHONY: install demo test clean-demo
+.PHONY: install demo test clean-demo peer-env
 
 install: $(VENV)/.installed
 
@@ -31,3 +31,8 @@ test: install
 
 clean-demo:
 	rm -rf demo_out
+
+# Peers for `python -m vlm_jax.bench step --peer=open_clip` live in their own environment (torch).
+peer-env:
+	$(PYTHON) -m venv .venv-peer
+	.venv-peer/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1 open_clip_torch

@@ -1,13 +1,19 @@
 """Benchmarks; each prints one JSON line.
 
     python -m vlm_jax.bench step --config=configs/bench/siglip_s16.py [--steps=10] [--config.key=value ...]
+        [--peer=open_clip --peer-python=.venv-peer/bin/python]
+
+With --peer, the peer's train step on the same shapes is timed right after ours in the same run (in its own
+Python environment, see `make peer-env`) and the ratio is reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -84,12 +90,27 @@ def bench_step(config, steps: int) -> dict:
     }
 
 
+def run_peer(peer: str, python: str, batch_size: int, steps: int) -> dict:
+    """Times the peer's step in its own interpreter; returns its JSON line."""
+    if not os.path.isfile(python):
+        raise FileNotFoundError(f"peer interpreter not found: {python} (create it with `make peer-env`)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [python, "-m", f"vlm_jax.peers.{peer}_step", "--batch-size", str(batch_size), "--steps", str(steps)],
+        cwd=root, capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise RuntimeError(f"peer {peer} failed: {result.stderr.strip().splitlines()[-1:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     step = commands.add_parser("step", help="train-step time, samples/s and MFU")
     step.add_argument("--config", required=True)
     step.add_argument("--steps", type=int, default=10)
+    step.add_argument("--peer", choices=["open_clip"])
+    step.add_argument("--peer-python", default=".venv-peer/bin/python")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     overrides = [item[len("--config."):] for item in rest if item.startswith("--config.")]
     if len(overrides) != len(rest):
@@ -99,7 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"config": args.config, **bench_step(config, args.steps)}), flush=True)
+    result = {"config": args.config, **bench_step(config, args.steps)}
+    if args.peer:
+        peer = run_peer(args.peer, args.peer_python, config.batch_size, args.steps)
+        result.update({f"{args.peer}_{key}": value for key, value in peer.items() if key != "peer"})
+        result[f"speedup_vs_{args.peer}"] = round(peer["median_step_s"] / result["median_step_s"], 3)
+    print(json.dumps(result), flush=True)
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Peer implementations timed side by side with ours by `vlm_jax.bench` (each runs in its own environment)."""
