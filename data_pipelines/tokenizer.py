@@ -73,8 +73,8 @@ class Tokenizer:
     def encode(self, texts: Sequence[str], max_len: int) -> np.ndarray:
         """int32 [len(texts), max_len]."""
         out = np.full((len(texts), max_len), self.pad_id, np.int32)
-        for row, ids in enumerate(self._processor.EncodeAsIds([t.lower() for t in texts])):
-            ids = ids[:max_len - 1] + [self.eos_id]
+        for row, text in enumerate(texts):  # One string per call: the list form starts threads (7x slower).
+            ids = self._processor.EncodeAsIds(text.lower())[:max_len - 1] + [self.eos_id]
             out[row, :len(ids)] = ids
         return out
 
