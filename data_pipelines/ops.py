@@ -1,4 +1,4 @@
-"""Per-sample preprocessing: decode, resize, crop, normalise; caption text."""
+"""Per-sample preprocessing: decode, resize, normalise; caption text."""
 
 from __future__ import annotations
 
@@ -23,20 +23,6 @@ def resize(image: Image.Image, size: int) -> Image.Image:
     if image.size == (size, size):
         return image
     return image.resize((size, size), Image.Resampling.BILINEAR)
-
-
-def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator,
-                        scale: tuple[float, float] = (0.5, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
-    """Inception-style crop of a random area fraction and aspect ratio, resized to `size`."""
-    width, height = image.size
-    area = width * height * rng.uniform(*scale)
-    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
-    crop_w = int(round(min(width, np.sqrt(area * aspect))))
-    crop_h = int(round(min(height, np.sqrt(area / aspect))))
-    left = int(rng.integers(0, width - crop_w + 1))
-    top = int(rng.integers(0, height - crop_h + 1))
-    return image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + crop_w, top + crop_h))
 
 
 def to_float(image: Image.Image) -> np.ndarray:

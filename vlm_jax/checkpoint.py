@@ -6,8 +6,6 @@ import os
 from typing import Any
 
 import grain
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from vlm_jax.pytree import leaves_with_path_str
@@ -59,9 +57,5 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainStat
 
 
 def restore_params(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> Any:
-    """Only the parameters of `step` (for evaluation and export)."""
+    """The parameters of `step`, for evaluation and export (the optimizer state is restored, then dropped)."""
     return restore(manager, step, abstract_state, None)["params"]
-
-
-def host_copy(tree: Any) -> Any:
-    return jax.tree.map(np.asarray, jax.device_get(tree))
