@@ -63,7 +63,7 @@ def test_kill_resume_and_evaluate(data_dir, tmp_path):
     assert "resumed from" in resumed.stdout
     steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
              if "loss" in line]
-    assert steps[-1] == 40
+    assert steps[-1] == 40 and steps == sorted(set(steps))  # no duplicates from the killed run
     assert sorted(os.listdir(workdir / "checkpoints"))[-1] == "40"
     assert any(name.startswith("events.") for name in os.listdir(workdir / "tensorboard"))
 

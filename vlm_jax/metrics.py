@@ -18,13 +18,20 @@ import numpy as np
 class MetricsWriter:
     """Writes scalar metrics of step `step` to `workdir/metrics.jsonl` and `workdir/tensorboard/`."""
 
-    def __init__(self, workdir: str, enabled: bool | None = None):
+    def __init__(self, workdir: str, resumed_step: int = 0, enabled: bool | None = None):
+        """Lines of `metrics.jsonl` after `resumed_step` (written before a crash) are dropped."""
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._jsonl = self._tensorboard = None
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            path = os.path.join(workdir, "metrics.jsonl")
+            kept = []
+            if os.path.exists(path):
+                with open(path) as f:
+                    kept = [line for line in f if step_of(line) <= resumed_step]
+            self._jsonl = open(path, "w")
+            self._jsonl.writelines(kept)
             self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -40,6 +47,14 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tensorboard.close()
+
+
+def step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; a line cut short by a crash counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError):
+        return math.inf
 
 
 class IntervalAverager:

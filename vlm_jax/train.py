@@ -91,7 +91,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if jax.process_index() == 0:
         save_config(config, os.path.join(workdir, "config.json"))
     train_step = make_train_step(task, layout, sharding)
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, resumed_step=start)
     averager, progress = IntervalAverager(), Progress(config.total_steps, config.batch_size, start)
     eval_size = eval_batch_size(config, sharding)
 
