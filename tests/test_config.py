@@ -62,3 +62,10 @@ def test_saved_config_round_trips(tmp_path):
     restored = load_saved_config(str(tmp_path / "config.json"))
     assert restored == config
     assert restored.sharding_rules == config.sharding_rules
+
+
+def test_unreadable_config_file(tmp_path):
+    path = tmp_path / "broken.py"
+    path.write_text("def get_config(arg=None)\n    return None\n")
+    with pytest.raises(ConfigError, match=f"config file {path} cannot be read"):
+        load_config(str(path))
