@@ -6,9 +6,8 @@ import pytest
 
 from vlm_jax import checkpoint
 from vlm_jax.config import ConfigError, base_config
-from vlm_jax.evaluators.common import to_global_batch
 from vlm_jax.parallel.mesh import make_mesh
-from vlm_jax.parallel.sharding import batch_sharding
+from vlm_jax.parallel.sharding import batch_sharding, to_global_batch
 from vlm_jax.pytree import leaves_with_path_str
 from vlm_jax.tasks import get_task
 from vlm_jax.train_state import init_train_state, make_state_layout

@@ -22,10 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.config import ConfigError, load_config
-from vlm_jax.evaluators.common import to_global_batch
 from vlm_jax.flops import two_towers_train_flops_per_sample
 from vlm_jax.parallel.mesh import make_mesh
-from vlm_jax.parallel.sharding import batch_sharding
+from vlm_jax.parallel.sharding import batch_sharding, to_global_batch
 from vlm_jax.tasks import get_task
 from vlm_jax.train_state import init_train_state, make_state_layout, param_count
 from vlm_jax.train_step import make_train_step

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -68,17 +68,28 @@ def eval_batch_size(config: ml_collections.ConfigDict, sharding: NamedSharding) 
     return -(-config.data.eval_batch_size // ways) * ways
 
 
-def run_evaluators(task, layout: StateLayout, params: Any, data: EvalData, sharding: NamedSharding,
+@dataclasses.dataclass(frozen=True)
+class Embedders:
+    """Jitted (params, batch) -> L2-normalised embeddings; built once, so repeated evals do not recompile."""
+
+    image: Callable[[Any, jax.Array], jax.Array]
+    text: Callable[[Any, jax.Array], jax.Array]
+
+
+def make_embedders(task, layout: StateLayout) -> Embedders:
+    return Embedders(image=jax.jit(lambda p, x: task.embed_image(layout.merge(p), x)),
+                     text=jax.jit(lambda p, x: task.embed_text(layout.merge(p), x)))
+
+
+def run_evaluators(embedders: Embedders, params: Any, data: EvalData, sharding: NamedSharding,
                    batch_size: int) -> dict[str, float]:
     """Zero-shot accuracy (when the split has labels and prompts) and retrieval recall."""
-    embed_image = jax.jit(lambda p, x: task.embed_image(layout.merge(p), x))
-    embed_text = jax.jit(lambda p, x: task.embed_text(layout.merge(p), x))
-    image_emb = apply_in_batches(lambda x: embed_image(params, x), data.images, batch_size, sharding)
-    text_emb = apply_in_batches(lambda x: embed_text(params, x), data.texts, batch_size, sharding)
+    image_emb = apply_in_batches(lambda x: embedders.image(params, x), data.images, batch_size, sharding)
+    text_emb = apply_in_batches(lambda x: embedders.text(params, x), data.texts, batch_size, sharding)
     results = retrieval_recall(image_emb, text_emb)
     if data.prompts is not None and np.all(data.labels >= 0):
-        num_classes, num_templates, length = data.prompts.shape
-        prompt_emb = apply_in_batches(lambda x: embed_text(params, x),
+        num_classes, _, length = data.prompts.shape
+        prompt_emb = apply_in_batches(lambda x: embedders.text(params, x),
                                       data.prompts.reshape(-1, length), batch_size, sharding)
         results.update(zeroshot_accuracy(image_emb, class_embeddings(prompt_emb, num_classes), data.labels))
     return results
@@ -99,7 +110,8 @@ def evaluate_workdir(workdir: str) -> dict[str, Any]:
     if data is None:
         raise ValueError("config.data.eval_shards is not set: nothing to evaluate on")
     sharding = batch_sharding(mesh, config.sharding_rules)
-    results = run_evaluators(task, layout, params, data, sharding, eval_batch_size(config, sharding))
+    results = run_evaluators(make_embedders(task, layout), params, data, sharding,
+                             eval_batch_size(config, sharding))
     return {"step": step, **results}
 
 

@@ -22,11 +22,11 @@ from data_pipelines import input_pipeline
 from data_pipelines.tokenizer import Tokenizer
 from vlm_jax import checkpoint
 from vlm_jax.config import ConfigError, load_config, save_config
-from vlm_jax.evaluate import EvalData, eval_batch_size, load_eval_data, run_evaluators
-from vlm_jax.evaluators.common import to_global_batch
+from vlm_jax.evaluate import (EvalData, Embedders, eval_batch_size, load_eval_data, make_embedders,
+                              run_evaluators)
 from vlm_jax.metrics import IntervalAverager, MetricsWriter, Progress
 from vlm_jax.parallel.mesh import make_mesh
-from vlm_jax.parallel.sharding import batch_sharding, data_parallel_size
+from vlm_jax.parallel.sharding import batch_sharding, data_parallel_size, to_global_batch
 from vlm_jax.tasks import get_task
 from vlm_jax.train_state import init_train_state, make_state_layout, param_count
 from vlm_jax.train_step import make_train_step
@@ -57,11 +57,11 @@ def check_tokenizer_fits(config: ml_collections.ConfigDict) -> None:
                           f"model.text.vocab_size is {config.model.text.vocab_size}")
 
 
-def evaluate_and_log(step, task, layout, params, eval_data: EvalData | None, sharding, batch_size,
+def evaluate_and_log(step, embedders: Embedders, params, eval_data: EvalData | None, sharding, batch_size,
                      writer: MetricsWriter) -> dict[str, float]:
     if eval_data is None:
         return {}
-    results = run_evaluators(task, layout, params, eval_data, sharding, batch_size)
+    results = run_evaluators(embedders, params, eval_data, sharding, batch_size)
     writer.write(step, results)
     log(f"eval at step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
     return results
@@ -93,10 +93,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     train_step = make_train_step(task, layout, sharding)
     writer = MetricsWriter(workdir, resumed_step=start)
     averager, progress = IntervalAverager(), Progress(config.total_steps, config.batch_size, start)
-    eval_size = eval_batch_size(config, sharding)
+    eval_size, embedders = eval_batch_size(config, sharding), make_embedders(task, layout)
 
     def evaluate(step: int, params) -> dict[str, float]:
-        return evaluate_and_log(step, task, layout, params, eval_data, sharding, eval_size, writer)
+        return evaluate_and_log(step, embedders, params, eval_data, sharding, eval_size, writer)
 
     to_write = None
     for step in range(start + 1, config.total_steps + 1):

@@ -8,10 +8,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-
-def to_global_batch(host_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """This process's part of a batch -> global jax.Arrays laid out by `sharding`."""
-    return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in host_batch.items()}
+from vlm_jax.parallel.sharding import to_global_batch
 
 
 def apply_in_batches(fn: Callable[[jax.Array], jax.Array], array: np.ndarray, batch_size: int,

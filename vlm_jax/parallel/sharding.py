@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlm_jax.config import ConfigError
@@ -57,3 +58,8 @@ def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
     for axis in axes:
         size *= mesh.shape[axis]
     return size
+
+
+def to_global_batch(host_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This process's part of a batch -> global jax.Arrays laid out by `sharding`."""
+    return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in host_batch.items()}
