@@ -35,4 +35,4 @@ clean-demo:
 # Peers for `python -m vlm_jax.bench step --peer=open_clip` live in their own environment (torch).
 peer-env:
 	$(PYTHON) -m venv .venv-peer
-	.venv-peer/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1 open_clip_torch
+	.venv-peer/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1 open_clip_torch 'webdataset<=0.2.86' pandas

@@ -1,88 +1,175 @@
-"""grain pipelines: training batches streamed from tar shards, and held-out splits loaded into memory."""
+"""grain training pipelines over webdataset shards, and held-out splits loaded into memory.
+
+    shard list --process split--> per-epoch shuffled shard order (repeated) --> interleave of cycle_length
+    streaming shard readers --> [weighted mixture of sources] --> window shuffle of raw samples
+    --> preprocessing ops (bad samples counted) --> batch --> worker processes --> skip accounting
+
+Every stage keeps its position in the iterator state, which the trainer saves in the model's checkpoint.
+"""
 
 from __future__ import annotations
 
-import json
-from typing import Sequence
+import dataclasses
+import os
+from typing import Mapping, Sequence
 
 import grain
-from absl import flags
 import numpy as np
+from absl import flags
 
 from data_pipelines import ops
+from data_pipelines.preprocess import PreprocessIterDataset, SkipAccountingIterDataset
+from data_pipelines.samples import DataError
+from data_pipelines.shard_io import ReadOptions
+from data_pipelines.shuffle import WindowShuffleIterDataset
+from data_pipelines.sources import raw_eval_samples
 from data_pipelines.tokenizer import Tokenizer
-from data_pipelines.webdataset import expand_shards, read_tar_samples
+from data_pipelines.webdataset import FieldMap, TarShardDataset, expand_shards
+
+MAX_AUTO_WORKERS = 32
 
 
-class ReadShard(grain.experimental.FlatMapTransform):
-    """Shard path -> its complete samples (raw bytes)."""
+@dataclasses.dataclass(frozen=True)
+class TrainInput:
+    """Everything the training pipeline needs; `from_config` fills it from `config.data`."""
 
-    max_fan_out = 1 << 20
+    sources: Mapping[str, str]     # name -> shard spec
+    weights: Mapping[str, float]   # name -> mixture weight
+    pp: str                        # preprocessing op spec
+    tokenizer: str
+    global_batch_size: int
+    seed: int = 0
+    shuffle_buffer: int = 1000
+    cycle_length: int = 4
+    num_epochs: int | None = None
+    num_workers: int | str = 0
+    worker_buffer_size: int = 2
+    max_skip_fraction: float = 0.01
+    skip_check_after: int = 1000
+    fields: FieldMap = FieldMap()
+    read: ReadOptions = ReadOptions()
 
-    def flat_map(self, path: str) -> list[dict]:
-        return read_tar_samples(path)
+
+def default_pp_train(image_size: int, text_len: int) -> str:
+    """Inception crop (mild, as for image-text pretraining), [-1, 1] pixels, sentencepiece ids."""
+    return (f"decode_rrc({image_size}, scale=(0.9, 1.0))|value_range(-1, 1)|tokenize({text_len})|"
+            "keep('image', 'text')")
 
 
-class Preprocess(grain.transforms.Map):
-    """Raw sample -> {"image": float32 [S, S, 3] in [-1, 1], "text": int32 [L]}."""
+def default_pp_eval(image_size: int) -> str:
+    return f"decode_center_crop({image_size})|value_range(-1, 1)"
 
-    def __init__(self, tokenizer: Tokenizer, image_size: int, text_len: int):
-        self.tokenizer, self.image_size, self.text_len = tokenizer, image_size, text_len
 
-    def map(self, sample: dict) -> dict[str, np.ndarray]:
-        image = ops.decode_image(ops.image_bytes(sample), self.image_size)
-        return {"image": ops.to_float(ops.resize(image, self.image_size)),
-                "text": self.tokenizer.encode([ops.caption_text(sample)], self.text_len)[0]}
+def from_config(data, *, image_size: int, text_len: int, global_batch_size: int, seed: int) -> TrainInput:
+    """TrainInput from a `config.data` ConfigDict (see vlm_jax/config.py for the keys)."""
+    if data.mixture:
+        sources = {name: source["shards"] for name, source in data.mixture.items()}
+        weights = {name: float(source["weight"]) for name, source in data.mixture.items()}
+    else:
+        sources, weights = {"train": data.train_shards}, {"train": 1.0}
+    return TrainInput(
+        sources=sources, weights=weights, pp=data.pp_train or default_pp_train(image_size, text_len),
+        tokenizer=data.tokenizer, global_batch_size=global_batch_size, seed=seed,
+        shuffle_buffer=data.shuffle_buffer, cycle_length=data.cycle_length, num_epochs=data.num_epochs,
+        num_workers=data.num_workers, worker_buffer_size=data.worker_buffer_size,
+        max_skip_fraction=data.max_skip_fraction, skip_check_after=data.skip_check_after,
+        fields=FieldMap(image_extensions=tuple(e.strip() for e in data.image_extensions.split(",")),
+                        caption_extension=data.caption_extension),
+        read=ReadOptions(stall_timeout_s=data.read_timeout_s, retries=data.read_retries,
+                         backoff_s=data.read_backoff_s))
+
+
+def resolve_num_workers(num_workers: int | str) -> int:
+    """'auto': one worker per core available to this process (up to MAX_AUTO_WORKERS)."""
+    if num_workers == "auto":
+        return min(len(os.sched_getaffinity(0)), MAX_AUTO_WORKERS)
+    return int(num_workers)
 
 
 def local_shards(spec: str | Sequence[str], process_index: int, process_count: int) -> list[str]:
     """This process's shards: every `process_count`-th, starting at `process_index` (no overlap)."""
     shards = expand_shards(spec)
     if len(shards) < process_count:
-        raise ValueError(f"{len(shards)} shards cannot be split across {process_count} processes")
+        raise DataError(f"{len(shards)} shards cannot be split across {process_count} processes: "
+                        f"every process needs at least one shard of {spec!r}")
     return shards[process_index::process_count]
 
 
-def make_train_dataset(shards: str | Sequence[str], tokenizer_path: str, *, global_batch_size: int,
-                       image_size: int, text_len: int, seed: int, shuffle_buffer: int, num_workers: int,
-                       process_index: int = 0, process_count: int = 1,
-                       num_epochs: int | None = None) -> grain.IterDataset:
-    """Per-process batches {"image": [b, S, S, 3], "text": [b, L]} with b = global_batch_size / processes.
+class _OpenShard:
+    """Shard URL -> its dataset (a picklable callable, for grain worker processes)."""
 
-    Shard order is reshuffled every epoch from `seed`; samples are window-shuffled; the iterator's
-    get_state / set_state resume the exact sample sequence.
+    def __init__(self, fields: FieldMap, read: ReadOptions):
+        self._fields, self._read = fields, read
+
+    def __call__(self, url: str) -> TarShardDataset:
+        return TarShardDataset(url, self._fields, self._read)
+
+
+def shard_samples(spec: str | Sequence[str], options: TrainInput, *, process_index: int = 0,
+                  process_count: int = 1, seed: int = 0) -> grain.IterDataset:
+    """Raw samples and skip records of one source, shard order reshuffled every epoch from `seed`."""
+    urls = local_shards(spec, process_index, process_count)
+    shards = grain.MapDataset.source(urls).shuffle(seed=seed).repeat(options.num_epochs)
+    shards = shards.map(_OpenShard(options.fields, options.read))
+    return grain.experimental.InterleaveIterDataset(shards, cycle_length=options.cycle_length)
+
+
+def mixed_samples(options: TrainInput, *, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Raw samples of every source, drawn in proportion to the weights (a single source: just its samples)."""
+    sources = {name: shard_samples(spec, options, process_index=process_index, process_count=process_count,
+                                   seed=options.seed + i)
+               for i, (name, spec) in enumerate(sorted(options.sources.items()))}
+    if len(sources) == 1:
+        return next(iter(sources.values()))
+    return grain.IterDataset.mix(sources, {name: options.weights[name] for name in sources})
+
+
+def make_train_dataset(options: TrainInput, *, process_index: int = 0,
+                       process_count: int = 1) -> grain.IterDataset:
+    """Per-process batches ({"image": [b, S, S, 3], "text": [b, L]} by default) with b = global / processes.
+
+    Iterate it with `iter(...)`; the iterator's `skip_counts()` has the skip totals, and its get_state /
+    set_state resume the exact sample sequence.
     """
-    if global_batch_size % process_count:
-        raise ValueError(f"global batch size {global_batch_size} is not divisible by {process_count} processes")
-    tokenizer = Tokenizer(tokenizer_path)
-    paths = local_shards(shards, process_index, process_count)
-    if num_workers > len(paths):
-        raise ValueError(f"{num_workers} data workers but only {len(paths)} shards on this process")
-    dataset = grain.MapDataset.source(paths).shuffle(seed=seed).repeat(num_epochs).to_iter_dataset()
-    dataset = grain.experimental.FlatMapIterDataset(dataset, ReadShard())
-    if shuffle_buffer > 1:
-        dataset = grain.experimental.WindowShuffleIterDataset(dataset, window_size=shuffle_buffer, seed=seed)
-    dataset = dataset.map(Preprocess(tokenizer, image_size, text_len))
-    dataset = dataset.batch(global_batch_size // process_count, drop_remainder=True)
+    if options.global_batch_size % process_count:
+        raise DataError(f"global batch size {options.global_batch_size} is not divisible by "
+                        f"{process_count} processes")
+    op = ops.build(options.pp, tokenizer=options.tokenizer)
+    dataset = mixed_samples(options, process_index=process_index, process_count=process_count)
+    if options.shuffle_buffer > 1:
+        dataset = WindowShuffleIterDataset(dataset, options.shuffle_buffer, seed=options.seed)
+    dataset = PreprocessIterDataset(dataset, op, seed=options.seed)
+    dataset = dataset.batch(options.global_batch_size // process_count, drop_remainder=True)
+    num_workers = resolve_num_workers(options.num_workers)
     if num_workers:
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags.
             flags.FLAGS.mark_as_parsed()
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return dataset
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=num_workers, per_worker_buffer_size=options.worker_buffer_size))
+    return SkipAccountingIterDataset(dataset, limit=options.max_skip_fraction,
+                                     min_samples=options.skip_check_after)
 
 
-def load_eval_split(shards: str | Sequence[str], tokenizer_path: str, *, image_size: int,
-                    text_len: int) -> dict[str, np.ndarray]:
-    """A whole held-out split in file order: image [N,S,S,3], text [N,L] (captions), label [N] (-1: none)."""
-    preprocess = Preprocess(Tokenizer(tokenizer_path), image_size, text_len)
-    images, texts, labels = [], [], []
-    for path in expand_shards(shards):
-        for sample in read_tar_samples(path):
-            example = preprocess.map(sample)
-            images.append(example["image"])
-            texts.append(example["text"])
-            labels.append(json.loads(sample["json"]).get("label", -1) if "json" in sample else -1)
-    return {"image": np.stack(images), "text": np.stack(texts), "label": np.asarray(labels, np.int32)}
+def load_eval_split(source: str, tokenizer_path: str, *, image_size: int, text_len: int,
+                    pp: str = "") -> dict[str, np.ndarray]:
+    """A whole held-out split in order: image [N,S,S,3], text [N,L] (captions), label [N] (-1: none).
+
+    `source` is a shard spec, "tfds:NAME/SPLIT[@DATA_DIR]", "csv:FILE" or "folder:DIR"; `pp` is the image
+    op spec (default: centre crop, [-1, 1]). Unusable samples are skipped and logged.
+    """
+    image_op = ops.build(pp or default_pp_eval(image_size))
+    tokenizer = Tokenizer(tokenizer_path)
+
+    def to_example(sample: dict, rng: np.random.Generator) -> dict:
+        caption = sample.get("caption", "")
+        return {"image": image_op(sample, rng)["image"], "label": int(sample.get("label", -1)),
+                "text": tokenizer.encode([caption], text_len)[0] if caption else np.zeros(text_len, np.int32)}
+
+    records = grain.MapDataset.source(raw_eval_samples(source)).to_iter_dataset()
+    examples = list(PreprocessIterDataset(records, to_example, seed=0))
+    if not examples:
+        raise DataError(f"no usable samples in the evaluation set {source!r}")
+    return {key: np.stack([example[key] for example in examples]) for key in ("image", "text", "label")}
 
 
 def tokenize_class_prompts(tokenizer_path: str, class_names: Sequence[str], templates: Sequence[str],

@@ -1,26 +1,44 @@
 """Writes webdataset tar shards.
 
     python -m data_pipelines.make_shards synthetic --out DIR [--train-samples 20000] [--eval-samples 2400]
+    python -m data_pipelines.make_shards folder --root IMAGES --out DIR [--labels-from-dirs]
+    python -m data_pipelines.make_shards csv --csv FILE --out DIR [--csv-img-key filepath]
+        [--csv-caption-key caption] [--csv-separator SEP]
 
 `synthetic` writes DIR/train/*.tar, DIR/eval/*.tar (a held-out split: new images of the same classes),
 DIR/classnames.json and DIR/templates.json for zero-shot evaluation, and a sizes.json per split.
+`folder` (images with captions in .txt files beside them) and `csv` (image paths and captions) write
+DIR/{00000..}.tar and DIR/sizes.json, plus DIR/classnames.json with --labels-from-dirs; both take
+[--samples-per-shard 1000] [--shuffle-seed S] [--resize-max N]. Images PIL cannot read, and formats other
+than JPEG, PNG and WebP, are skipped and counted.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import io
 import json
 import multiprocessing
 import os
+import struct
 import sys
+from collections import Counter
+from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image
 
 from data_pipelines import synthetic
-from data_pipelines.shard_writer import write_shard, write_sizes
+from data_pipelines.shard_writer import ShardSample, write_shard, write_sizes
 
 SPLIT_SEEDS = {"train": 0, "eval": 1}
+FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # what shard readers decode
+PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+RESIZE_JPEG_QUALITY = 95
+
+if TYPE_CHECKING:
+    import grain
 
 
 def encode_jpeg(image, quality: int) -> bytes:
@@ -39,7 +57,7 @@ def write_synthetic_shard(job: tuple) -> tuple[str, int]:
         label = index % num_classes if split == "eval" else int(rng.integers(num_classes))
         image, caption = synthetic.make_example(rng, label, image_size)
         meta = {"label": label, "classname": synthetic.class_names()[label]}
-        samples.append((f"{index:09d}", encode_jpeg(image, quality), caption, meta))
+        samples.append(ShardSample(f"{index:09d}", encode_jpeg(image, quality), "jpg", caption, meta))
     name = f"{shard_index:05d}.tar"
     return name, write_shard(os.path.join(out_dir, name), samples)
 
@@ -66,6 +84,87 @@ def make_synthetic(args: argparse.Namespace) -> None:
           f"({len(synthetic.class_names())} classes) to {args.out}")
 
 
+class SkippedImage(Exception):
+    """An image left out of the shards; the message is the reason counted in the summary."""
+
+
+def prepare_image(data: bytes, resize_max: int | None) -> tuple[bytes, str, dict]:
+    """(bytes to store, member extension, sizes); an image whose longer side exceeds resize_max becomes a JPEG
+    of that size. Raises SkippedImage for bytes PIL cannot read and for formats other than JPEG, PNG, WebP."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+        with Image.open(io.BytesIO(data)) as image:  # verify() leaves an image unusable
+            if image.format not in FORMAT_EXTENSIONS:
+                raise SkippedImage("unsupported_format")
+            width, height = image.size
+            sizes = {"width": width, "height": height, "original_width": width, "original_height": height}
+            if resize_max is None or max(width, height) <= resize_max:
+                return data, FORMAT_EXTENSIONS[image.format], sizes
+            scale = resize_max / max(width, height)
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            image.draft("RGB", size)  # JPEG: decode at a reduced scale that is still at least `size`
+            resized = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    except PIL_ERRORS as e:
+        raise SkippedImage("corrupt_image") from e
+    sizes["width"], sizes["height"] = size
+    return encode_jpeg(resized, RESIZE_JPEG_QUALITY), "jpg", sizes
+
+
+_source: grain.MapDataset | None = None  # the raw samples, set in each pool worker by use_source
+
+
+def use_source(dataset: grain.MapDataset) -> None:
+    global _source
+    _source = dataset
+
+
+def write_source_shard(job: tuple[str, int, int, int, int | None]) -> tuple[str, int, Counter]:
+    """Shard `shard_index` of the source: samples [first, first + count), keyed by their 9-digit index."""
+    out_dir, shard_index, first, count, resize_max = job
+    samples, skipped = [], Counter()
+    for index in range(first, first + count):
+        raw = _source[index]
+        try:
+            image, extension, sizes = prepare_image(raw["image"], resize_max)
+        except SkippedImage as e:
+            skipped[str(e)] += 1
+            continue
+        meta = {"path": raw["path"], **sizes, **({"label": raw["label"]} if "label" in raw else {})}
+        samples.append(ShardSample(f"{index:09d}", image, extension, raw.get("caption"), meta))
+    name = f"{shard_index:05d}.tar"
+    return name, write_shard(os.path.join(out_dir, name), samples), skipped
+
+
+def open_source(args: argparse.Namespace) -> tuple[grain.MapDataset, list[str] | None]:
+    """The raw samples of the `folder` or `csv` subcommand, and the class names if labels come from folders."""
+    from data_pipelines.folder_source import csv_samples, folder_classes, folder_samples  # grain: 2+ s to import
+    if args.source == "folder":
+        classes = folder_classes(args.root) if args.labels_from_dirs else None
+        return folder_samples(args.root, args.labels_from_dirs), classes
+    return csv_samples(args.csv, args.csv_img_key, args.csv_caption_key, args.csv_separator), None
+
+
+def make_from_source(dataset: grain.MapDataset, classes: list[str] | None, args: argparse.Namespace) -> None:
+    """Writes the samples to args.out in shards of args.samples_per_shard, one pool task per shard."""
+    os.makedirs(args.out, exist_ok=True)
+    if args.shuffle_seed is not None:
+        dataset = dataset.shuffle(seed=args.shuffle_seed)
+    total, per_shard = len(dataset), args.samples_per_shard
+    jobs = [(args.out, shard_index, first, min(per_shard, total - first), args.resize_max)
+            for shard_index, first in enumerate(range(0, total, per_shard))]
+    with multiprocessing.Pool(min(len(jobs), os.cpu_count() or 1), use_source, (dataset,)) as pool:
+        written = pool.map(write_source_shard, jobs)
+    write_sizes(args.out, {name: count for name, count, _ in written})
+    if classes is not None:
+        with open(os.path.join(args.out, "classnames.json"), "w") as f:
+            json.dump(classes, f)
+    skipped = sum((reasons for _, _, reasons in written), Counter())
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items()))
+    print(f"wrote {sum(count for _, count, _ in written)} samples in {len(written)} shards to {args.out}; "
+          f"skipped {skipped.total()}" + (f" ({reasons})" if reasons else ""))
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sources = parser.add_subparsers(dest="source", required=True)
@@ -77,18 +176,48 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     synth.add_argument("--samples-per-shard", type=int, default=1_000)
     synth.add_argument("--jpeg-quality", type=int, default=90)
     synth.add_argument("--seed", type=int, default=0)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", required=True)
+    common.add_argument("--samples-per-shard", type=int, default=1_000)
+    common.add_argument("--shuffle-seed", type=int, help="shuffle the samples before sharding (default: in order)")
+    common.add_argument("--resize-max", type=int, metavar="N",
+                        help=f"re-encode images whose longer side exceeds N as JPEG (quality "
+                             f"{RESIZE_JPEG_QUALITY}) at N, aspect kept (default: store the original bytes)")
+    folder = sources.add_parser("folder", parents=[common], help="images with captions in .txt files beside them")
+    folder.add_argument("--root", required=True, help="folder searched recursively for .jpg/.jpeg/.png/.webp")
+    folder.add_argument("--labels-from-dirs", action="store_true",
+                        help="root/<class>/<image>: label = index of <class> among the sorted subfolders")
+    table = sources.add_parser("csv", parents=[common], help="a CSV/TSV with image path and caption columns")
+    table.add_argument("--csv", required=True, help="relative image paths are resolved from the file's folder")
+    table.add_argument("--csv-img-key", default="filepath")
+    table.add_argument("--csv-caption-key", default="caption")
+    table.add_argument("--csv-separator", help="one character, or \\t (default: tab for .tsv, comma otherwise)")
     args = parser.parse_args(argv)
-    for name in ("train_samples", "eval_samples", "image_size", "samples_per_shard"):
-        if getattr(args, name) <= 0:
+    for name in ("train_samples", "eval_samples", "image_size", "samples_per_shard", "resize_max"):
+        if getattr(args, name, None) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    if not 1 <= args.jpeg_quality <= 100:
+    if args.source == "synthetic" and not 1 <= args.jpeg_quality <= 100:
         parser.error("--jpeg-quality must be in 1..100")
+    if args.source == "csv" and args.csv_separator is not None:
+        args.csv_separator = {"\\t": "\t"}.get(args.csv_separator, args.csv_separator)
+        if len(args.csv_separator) != 1:
+            parser.error("--csv-separator must be one character (or \\t)")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    make_synthetic(args)
+    if args.source == "synthetic":
+        make_synthetic(args)
+        return 0
+    try:
+        dataset, classes = open_source(args)
+        if glob.glob(os.path.join(glob.escape(args.out), "*.tar")):
+            raise ValueError(f"{args.out} already holds .tar shards; write to an empty folder")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    make_from_source(dataset, classes, args)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Writing webdataset tar shards as img2dataset does: {key}.jpg, {key}.txt, {key}.json per sample."""
+"""Writing webdataset tar shards as img2dataset does: {key}.{jpg|png|webp}, {key}.txt, {key}.json per sample."""
 
 from __future__ import annotations
 
@@ -7,6 +7,16 @@ import json
 import os
 import tarfile
 import time
+from typing import Iterable, NamedTuple
+
+
+class ShardSample(NamedTuple):
+    """One sample: the image member is {key}.{extension}; a sample without a caption gets no .txt member."""
+    key: str
+    image: bytes
+    extension: str
+    caption: str | None
+    meta: dict
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -15,16 +25,20 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard(path: str, samples: list[tuple[str, bytes, str, dict]]) -> int:
-    """Writes (key, jpeg bytes, caption, metadata) samples to one tar atomically; returns the count."""
-    partial = f"{path}.partial"
+def write_shard(path: str, samples: Iterable[ShardSample]) -> int:
+    """Writes samples to one tar atomically (via {path}.partial); returns the count."""
+    partial, count = f"{path}.partial", 0
     with tarfile.open(partial, "w") as tar:
-        for key, jpeg, caption, meta in samples:
-            add_member(tar, f"{key}.jpg", jpeg)
-            add_member(tar, f"{key}.txt", caption.encode())
-            add_member(tar, f"{key}.json", json.dumps({"key": key, "caption": caption, **meta}).encode())
+        for sample in samples:
+            add_member(tar, f"{sample.key}.{sample.extension}", sample.image)
+            meta = {"key": sample.key}
+            if sample.caption is not None:
+                add_member(tar, f"{sample.key}.txt", sample.caption.encode())
+                meta["caption"] = sample.caption
+            add_member(tar, f"{sample.key}.json", json.dumps({**meta, **sample.meta}).encode())
+            count += 1
     os.replace(partial, path)
-    return len(samples)
+    return count
 
 
 def write_sizes(directory: str, sizes: dict[str, int]) -> None:

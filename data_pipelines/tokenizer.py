@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from data_pipelines.webdataset import expand_shards, read_tar_samples
+from data_pipelines.webdataset import expand_shards, read_shard
 
 
 def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int) -> None:
@@ -70,19 +70,21 @@ class Tokenizer:
     def eos_id(self) -> int:
         return self._processor.eos_id()
 
-    def encode(self, texts: Sequence[str], max_len: int) -> np.ndarray:
-        """int32 [len(texts), max_len]."""
+    def encode(self, texts: Sequence[str], max_len: int, add_eos: bool = True) -> np.ndarray:
+        """int32 [len(texts), max_len]; with `add_eos` the last kept id is EOS even after truncation."""
         out = np.full((len(texts), max_len), self.pad_id, np.int32)
         for row, text in enumerate(texts):  # One string per call: the list form starts threads (7x slower).
-            ids = self._processor.EncodeAsIds(text.lower())[:max_len - 1] + [self.eos_id]
+            ids = self._processor.EncodeAsIds(text.lower())
+            ids = ids[:max_len - 1] + [self.eos_id] if add_eos else ids[:max_len]
             out[row, :len(ids)] = ids
         return out
 
 
 def captions_from_shards(spec: str) -> Iterable[str]:
     for path in expand_shards(spec):
-        for sample in read_tar_samples(path):
-            yield sample["txt"].decode("utf-8", errors="replace")
+        for sample in read_shard(path):
+            if "caption" in sample:
+                yield sample["caption"]
 
 
 def main(argv: list[str] | None = None) -> int:

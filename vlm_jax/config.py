@@ -40,9 +40,10 @@ CHOICES = {
     "optim.name": ("adamw", "adafactor"),
     "optim.decay": ("cosine", "rsqrt", "linear", "constant"),
 }
-REQUIRED = ("data.train_shards", "data.tokenizer")
+REQUIRED = ("data.tokenizer",)
 POSITIVE = ("total_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
-            "model.embed_dim", "model.text.max_len", "model.image.image_size")
+            "model.embed_dim", "model.text.max_len", "model.image.image_size", "data.cycle_length",
+            "data.shuffle_buffer", "data.worker_buffer_size", "data.read_timeout_s", "data.eval_batch_size")
 
 
 def placeholder(kind: type) -> config_dict.FieldReference:
@@ -103,13 +104,30 @@ def base_config() -> ml_collections.ConfigDict:
     c.sharding_rules = DEFAULT_SHARDING_RULES
 
     c.data = ml_collections.ConfigDict()
+    # Training data: webdataset shards (brace range, glob, comma list, .txt list of URLs; local, gs://, s3://,
+    # http(s)://), or a weighted mixture {name: {"shards": spec, "weight": w}} instead.
     c.data.train_shards = placeholder(str)
+    c.data.mixture = placeholder(dict)
     c.data.tokenizer = placeholder(str)
+    # Held-out split: webdataset shards, "tfds:NAME/SPLIT[@DATA_DIR]", "csv:FILE" or "folder:DIR".
     c.data.eval_shards = placeholder(str)
     c.data.classnames = placeholder(str)  # JSON list of class names for zero-shot classification.
     c.data.templates = placeholder(str)  # JSON list of prompt templates with one '{}'.
-    c.data.shuffle_buffer = 1000
-    c.data.num_workers = 0
+    # Preprocessing op specs (data_pipelines/ops.py); empty: derived from the model's image size and text length.
+    c.data.pp_train = ""
+    c.data.pp_eval = ""
+    c.data.image_extensions = "jpg,jpeg,png,webp"  # tar members tried, in order, for the image
+    c.data.caption_extension = "txt"
+    c.data.cycle_length = 4        # shards read at once (interleaved) per worker
+    c.data.shuffle_buffer = 1000   # window shuffle over raw samples
+    c.data.num_epochs = placeholder(int)  # None: repeat forever
+    c.data.num_workers = ml_collections.FieldReference("auto", field_type=object)  # int, or "auto"
+    c.data.worker_buffer_size = 2  # batches each worker prepares ahead
+    c.data.max_skip_fraction = 0.01
+    c.data.skip_check_after = 1000  # records read before the skip fraction is enforced
+    c.data.read_timeout_s = 60.0
+    c.data.read_retries = 3
+    c.data.read_backoff_s = 1.0
     c.data.eval_batch_size = 256
     c.lock()
     return c
@@ -176,6 +194,11 @@ def parse_value(raw: str, expected: type) -> Any:
         return raw.lower() in ("true", "1")
     if raw.lower() == "none":
         return None
+    if expected is object:
+        try:
+            return ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            return raw
     value = ast.literal_eval(raw)
     if expected is float and isinstance(value, int):
         value = float(value)
@@ -196,11 +219,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in POSITIVE:
         if flat[key] <= 0:
             raise ConfigError(f"config key {key!r} must be positive, got {flat[key]}")
+    validate_data(config.data)
     if flat["optim.freeze"]:
         try:
             re.compile(flat["optim.freeze"])
         except re.error as e:
             raise ConfigError(f"config key 'optim.freeze' is not a valid regex: {e}") from e
+
+
+def validate_data(data: ml_collections.ConfigDict) -> None:
+    if (data.train_shards is None) == (data.mixture is None):
+        raise ConfigError("set exactly one of config keys 'data.train_shards' and 'data.mixture'")
+    for name, source in (data.mixture or {}).items():
+        if not isinstance(source, dict) or set(source) != {"shards", "weight"}:
+            raise ConfigError(f"data.mixture[{name!r}] must be {{'shards': spec, 'weight': number}}")
+        if not isinstance(source["weight"], (int, float)) or source["weight"] <= 0:
+            raise ConfigError(f"data.mixture[{name!r}] weight must be a positive number")
+    workers = data.num_workers
+    if workers != "auto" and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
+        raise ConfigError(f"config key 'data.num_workers' must be 'auto' or an integer >= 0, got {workers!r}")
+    if not 0 <= data.max_skip_fraction < 1:
+        raise ConfigError("config key 'data.max_skip_fraction' must be in [0, 1)")
+    if data.num_epochs is not None and data.num_epochs <= 0:
+        raise ConfigError("config key 'data.num_epochs' must be positive (or None: repeat forever)")
 
 
 def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
@@ -225,16 +266,19 @@ def load_saved_config(path: str) -> ml_collections.ConfigDict:
     with open(path) as f:
         saved = json.load(f)
     config = base_config()
-    for key, value in flatten(ml_collections.ConfigDict(saved)).items():
-        *parents, leaf = key.split(".")
-        node = config
-        for name in parents:
-            node = node[name]
-        if leaf not in node:
-            raise ConfigError(f"saved config {path} has unknown key {key!r}")
-        node[leaf] = to_tuples(value) if isinstance(node[leaf], tuple) else value
+    _assign_saved(config, saved, path)
     validate(config)
     return config
+
+
+def _assign_saved(node: ml_collections.ConfigDict, saved: dict, path: str, prefix: str = "") -> None:
+    for key, value in saved.items():
+        if key not in node:
+            raise ConfigError(f"saved config {path} has unknown key {prefix + key!r}")
+        if isinstance(node[key], ml_collections.ConfigDict):
+            _assign_saved(node[key], value, path, f"{prefix}{key}.")
+        else:
+            node[key] = to_tuples(value) if isinstance(node[key], tuple) else value
 
 
 def to_tuples(value: Any) -> Any:

@@ -19,6 +19,7 @@ import jax
 import ml_collections
 
 from data_pipelines import input_pipeline
+from data_pipelines.samples import DataError
 from data_pipelines.tokenizer import Tokenizer
 from vlm_jax import checkpoint
 from vlm_jax.config import ConfigError, load_config, save_config
@@ -31,7 +32,7 @@ from vlm_jax.tasks import get_task
 from vlm_jax.train_state import init_train_state, make_state_layout, param_count
 from vlm_jax.train_step import make_train_step
 
-USER_ERRORS = (ConfigError, checkpoint.CheckpointMismatchError, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, checkpoint.CheckpointMismatchError, FileNotFoundError, ValueError, DataError)
 
 
 def log(message: str) -> None:
@@ -40,13 +41,19 @@ def log(message: str) -> None:
 
 
 def make_train_iterator(config: ml_collections.ConfigDict):
-    """This process's iterator of host batches, from the configured shards."""
+    """This process's iterator of host batches, from the configured shards or mixture."""
+    options = input_pipeline.from_config(
+        config.data, image_size=config.model.image.image_size, text_len=config.model.text.max_len,
+        global_batch_size=config.batch_size, seed=config.seed)
     dataset = input_pipeline.make_train_dataset(
-        config.data.train_shards, config.data.tokenizer, global_batch_size=config.batch_size,
-        image_size=config.model.image.image_size, text_len=config.model.text.max_len, seed=config.seed,
-        shuffle_buffer=config.data.shuffle_buffer, num_workers=config.data.num_workers,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        options, process_index=jax.process_index(), process_count=jax.process_count())
     return iter(dataset)
+
+
+def data_counters(data_iterator) -> dict[str, float]:
+    """data/shards (shards opened) and data/skipped/<reason> totals of this process's input."""
+    return {("data/shards" if name == "shards" else f"data/skipped/{name}"): float(count)
+            for name, count in data_iterator.skip_counts().items()}
 
 
 def check_tokenizer_fits(config: ml_collections.ConfigDict) -> None:
@@ -107,7 +114,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             write_metrics(*to_write, writer, progress)
             to_write = None
         if step % config.log_every == 0 or step == config.total_steps:
-            to_write = (step, averager.take())
+            to_write = (step, averager.take(), data_counters(data_iterator))
         if step % config.checkpoint_every == 0 or step == config.total_steps:
             checkpoint.save(manager, step, state, data_iterator)
         if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
@@ -126,12 +133,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return results
 
 
-def write_metrics(step: int, taken: list, writer: MetricsWriter, progress: Progress) -> None:
+def write_metrics(step: int, taken: list, counters: dict[str, float], writer: MetricsWriter,
+                  progress: Progress) -> None:
     """Averages an interval's metrics, stops the run on a non-finite loss, writes and prints them."""
     scalars = IntervalAverager.mean(taken)
     if not math.isfinite(scalars["loss"]):
         raise FloatingPointError(f"loss is {scalars['loss']} at step {step}; stopping the run")
-    writer.write(step, scalars)
+    writer.write(step, {**scalars, **counters})
     log(progress.line(step, scalars))
 
 
@@ -157,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         if os.environ.get("VLM_JAX_TRACEBACK"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)  # grain appends traceback notes
         return 2
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)

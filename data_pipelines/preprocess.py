@@ -1,0 +1,134 @@
+"""Preprocessing that skips and counts bad samples, and the skip accounting that stops a run losing data.
+
+Sources emit raw samples and skip records ({"__skipped__": {reason: n}}); `PreprocessIterDataset` runs the
+ops on each sample, turns skip records and SampleErrors into counts, and attaches to every example a
+"skipped" vector (COUNTERS order) holding the counts since the previous example. `SkipAccountingIterDataset`
+sums those vectors over batches in the main process, reports `data/skipped/<reason>`, and raises DataError
+when the skipped fraction passes the limit. Both keep their counters in the iterator state.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Callable
+
+import grain
+import numpy as np
+
+from data_pipelines.samples import SHARD_REASONS, SKIP_REASONS, DataError, SampleError
+from data_pipelines.webdataset import SHARD_START, log_skip
+
+COUNTERS = ("shards",) + SKIP_REASONS
+SKIPPED_KEY = "skipped"
+_INDEX = {name: i for i, name in enumerate(COUNTERS)}
+
+
+class _PreprocessIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, op: Callable, seed: int, max_consecutive_failures: int):
+        super().__init__(parent)
+        self._op, self._seed, self._max_failures = op, seed, max_consecutive_failures
+        self._index = 0  # raw samples processed: with the key it seeds each sample's generator
+
+    def __next__(self) -> dict:
+        pending = np.zeros(len(COUNTERS), np.int32)
+        failures, last = 0, ""
+        while True:
+            record = next(self._parent)
+            pending[0] += bool(record.pop(SHARD_START, False))
+            if "__skipped__" in record:
+                for reason, count in record["__skipped__"].items():
+                    pending[_INDEX[reason]] += count
+                failures, last = failures + 1, f"{record['__skipped__']}"
+            else:
+                key = f"{record.get('__source__', '')}/{record.get('__key__', '')}"
+                rng = np.random.default_rng([self._seed, self._index, zlib.crc32(key.encode())])
+                self._index += 1
+                try:
+                    example = self._op(record, rng)
+                except SampleError as e:
+                    log_skip(e.reason, record.get("__source__", ""), record.get("__key__", ""), e)
+                    pending[_INDEX[e.reason]] += 1
+                    failures, last = failures + 1, f"{e} ({key})"
+                else:
+                    example[SKIPPED_KEY] = pending
+                    return example
+            if failures >= self._max_failures:
+                raise DataError(f"{failures} consecutive samples or shards were unusable (last: {last}); "
+                                "check the shard paths and the data")
+
+    def get_state(self) -> dict:
+        return {"parent": self._parent.get_state(), "index": self._index}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self._index = state["index"]
+
+
+class PreprocessIterDataset(grain.IterDataset):
+    """Raw samples -> examples via `op(sample, rng)`; bad samples and shards are counted, never raised."""
+
+    def __init__(self, parent: grain.IterDataset, op: Callable, seed: int,
+                 max_consecutive_failures: int = 1000):
+        super().__init__(parent)
+        self._op, self._seed, self._max_failures = op, seed, max_consecutive_failures
+
+    def __iter__(self) -> _PreprocessIterator:
+        return _PreprocessIterator(self._parent.__iter__(), self._op, self._seed, self._max_failures)
+
+
+def lost_fraction(totals: np.ndarray, samples: int) -> float:
+    """Estimated fraction of the data skipped: a shard that could not be read counts as an average shard."""
+    shard_failures = sum(int(totals[_INDEX[r]]) for r in SHARD_REASONS if r != "truncated_tar")
+    sample_skips = int(totals.sum() - totals[0]) - shard_failures
+    read = samples + sample_skips
+    per_shard = read / max(1, int(totals[0]) - shard_failures)
+    lost = sample_skips + shard_failures * per_shard
+    return lost / max(1.0, read + shard_failures * per_shard)
+
+
+class _SkipAccountingIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, limit: float, min_samples: int):
+        super().__init__(parent)
+        self._limit, self._min_samples = limit, min_samples
+        self._totals = np.zeros(len(COUNTERS), np.int64)
+        self._samples = 0
+
+    def __next__(self) -> dict:
+        batch = next(self._parent)
+        skipped = batch.pop(SKIPPED_KEY)
+        self._totals += skipped.reshape(-1, len(COUNTERS)).sum(0)
+        self._samples += len(skipped)
+        fraction = lost_fraction(self._totals, self._samples)
+        if fraction > self._limit and self._samples + self._totals[1:].sum() >= self._min_samples:
+            counts = self.skip_counts()
+            reasons = ", ".join(f"{name} {counts[name]}" for name in SKIP_REASONS if counts[name])
+            raise DataError(f"{fraction:.1%} of the input was skipped, more than the limit "
+                            f"{self._limit:.1%} (data.max_skip_fraction): {reasons} "
+                            f"({self._samples} samples and {counts['shards']} shards read)")
+        return batch
+
+    def skip_counts(self) -> dict[str, int]:
+        """Totals so far: reason -> count, plus 'shards' read."""
+        return {name: int(count) for name, count in zip(COUNTERS, self._totals)}
+
+    def get_state(self) -> dict:
+        return {"parent": self._parent.get_state(), "totals": self._totals.tolist(), "samples": self._samples}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self._totals = np.asarray(state["totals"], np.int64)
+        self._samples = state["samples"]
+
+
+class SkipAccountingIterDataset(grain.IterDataset):
+    """Batches without their "skipped" vectors; the iterator's skip_counts() has the totals.
+
+    Raises DataError once the skipped fraction exceeds `limit` (checked after `min_samples` records).
+    """
+
+    def __init__(self, parent: grain.IterDataset, limit: float = 0.01, min_samples: int = 1000):
+        super().__init__(parent)
+        self._limit, self._min_samples = limit, min_samples
+
+    def __iter__(self) -> _SkipAccountingIterator:
+        return _SkipAccountingIterator(self._parent.__iter__(), self._limit, self._min_samples)

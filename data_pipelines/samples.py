@@ -1,0 +1,39 @@
+"""The raw sample every source yields, and the reasons a sample can be skipped.
+
+A raw sample is a dict with
+    "__key__":    str, unique within its source (the webdataset key, a file stem, a tfds id)
+    "__source__": str, where it came from (shard path or URL, folder, CSV file, tfds name/split)
+    "image":      bytes, the encoded image (JPEG, PNG, WebP)
+    "caption":    str (may be absent for classification sets)
+    "label":      int (optional: classification sets)
+plus any further fields a source maps in (for example selected keys of a webdataset `.json` member).
+Preprocessing ops turn raw samples into arrays; a sample they cannot use raises `SampleError(reason)`.
+"""
+
+from __future__ import annotations
+
+# Every way a sample or a shard can be skipped; each is reported as the metric `data/skipped/<reason>`.
+SKIP_REASONS = (
+    "corrupt_image",      # image bytes that do not decode
+    "no_image",           # a sample without an image member
+    "no_caption",         # a sample without a caption, or with an empty one
+    "duplicate_key",      # a key seen before in the same shard
+    "truncated_tar",      # a shard that ends inside a member (the samples before the damage are kept)
+    "unreadable_shard",   # a shard that cannot be opened or fails mid-read
+    "stalled_shard",      # a shard whose reads stalled through every retry
+)
+SHARD_REASONS = ("truncated_tar", "unreadable_shard", "stalled_shard")
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, message: str = ""):
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}")
+        super().__init__(f"{reason}: {message}" if message else reason)
+        self.reason = reason
+
+
+class DataError(RuntimeError):
+    """The input as a whole is unusable (too many skipped samples, no shards): stops the run."""

@@ -1,0 +1,206 @@
+"""The grain training pipeline: batches, exact resume in a new process (0 and 2 workers), process split,
+epochs, mixtures, skip accounting on real broken shards, evaluation splits and the tokenizer."""
+
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipelines.input_pipeline import (TrainInput, default_pp_train, load_eval_split, local_shards,
+                                           make_train_dataset, mixed_samples, resolve_num_workers,
+                                           shard_samples, tokenize_class_prompts)
+from data_pipelines.samples import DataError
+from data_pipelines.tokenizer import Tokenizer
+from data_pipelines.webdataset import expand_shards
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def options(shards, **overrides) -> TrainInput:
+    base = dict(sources={"train": f"{shards}/train/*.tar"}, weights={"train": 1.0},
+                pp=default_pp_train(16, 12), tokenizer=str(shards / "spm.model"), global_batch_size=8,
+                seed=3, shuffle_buffer=30, cycle_length=3, num_workers=0)
+    return TrainInput(**{**base, **overrides})
+
+
+def keys(dataset) -> list[str]:
+    return [f"{r['__source__']}/{r['__key__']}" for r in dataset if "__key__" in r]
+
+
+def test_train_batches(synthetic_shards):
+    iterator = iter(make_train_dataset(options(synthetic_shards)))
+    batch = next(iterator)
+    assert sorted(batch) == ["image", "text"]
+    assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.float32
+    assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    assert batch["text"].shape == (8, 12) and batch["text"].dtype == np.int32
+    for _ in range(29):  # 240 samples: all 8 shards of the first epoch and some of the second were read
+        next(iterator)
+    assert 8 < iterator.skip_counts()["shards"] < 16
+    iterator.close()
+
+
+RESUME_CHILD = """
+import hashlib, json, sys
+from data_pipelines.input_pipeline import TrainInput, make_train_dataset
+def fingerprints(iterator, n):
+    return [hashlib.sha1(b["image"].tobytes() + b["text"].tobytes()).hexdigest() for b in
+            (next(iterator) for _ in range(n))]
+if __name__ == "__main__":
+    opts = TrainInput(**json.loads(sys.argv[1]))
+    iterator = iter(make_train_dataset(opts))
+    if sys.argv[2] == "save":
+        fingerprints(iterator, 7)
+        state = iterator.get_state()
+        json.dump({"state": state, "next": fingerprints(iterator, 125)}, sys.stdout)
+    else:
+        iterator.set_state(json.loads(sys.argv[3])["state"])
+        json.dump({"next": fingerprints(iterator, 125)}, sys.stdout)
+    iterator.close()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_in_a_new_process_gives_the_next_1000_samples(synthetic_shards, tmp_path, workers):
+    """State saved mid-epoch (7 batches in), restored in a fresh process: the next 125 x 8 samples match."""
+    script = tmp_path / "child.py"
+    script.write_text(RESUME_CHILD)
+    opts = dict(sources={"train": f"{synthetic_shards}/train/*.tar"}, weights={"train": 1.0},
+                pp="decode_rrc(16)|flip_lr|value_range(-1, 1)|tokenize(12)|keep('image', 'text')",
+                tokenizer=str(synthetic_shards / "spm.model"), global_batch_size=8, seed=5,
+                shuffle_buffer=40, cycle_length=3, num_workers=workers)
+    run = lambda *args: json.loads(subprocess.run(
+        [sys.executable, str(script), json.dumps(opts), *args], cwd=ROOT, check=True, capture_output=True,
+        text=True, timeout=300).stdout)
+    uninterrupted = run("save")
+    resumed = run("restore", json.dumps(uninterrupted))
+    assert len(resumed["next"]) == 125 and resumed["next"] == uninterrupted["next"]
+
+
+def test_process_split_has_no_overlap_and_no_loss(synthetic_shards):
+    spec = f"{synthetic_shards}/train/*.tar"
+    everything = expand_shards(spec)
+    parts = [local_shards(spec, i, 3) for i in range(3)]
+    assert sorted(sum(parts, [])) == everything and len(set(sum(parts, []))) == len(everything)
+    opts = options(synthetic_shards, num_epochs=1)
+    per_process = [keys(shard_samples(spec, opts, process_index=i, process_count=3)) for i in range(3)]
+    all_keys = sum(per_process, [])
+    assert len(all_keys) == len(set(all_keys)) == 200
+    with pytest.raises(DataError, match="8 shards cannot be split across 9 processes"):
+        local_shards(spec, 0, 9)
+
+
+def test_epochs_reshuffle_shard_order_and_cover_everything(synthetic_shards):
+    opts = options(synthetic_shards, num_epochs=3, cycle_length=1)
+    samples = keys(shard_samples(f"{synthetic_shards}/train/*.tar", opts, seed=1))
+    epochs = [samples[i * 200:(i + 1) * 200] for i in range(3)]
+    assert len(samples) == 600 and all(sorted(e) == sorted(epochs[0]) for e in epochs)
+    shard_order = [[e[i].rsplit("/", 1)[0] for i in range(0, 200, 25)] for e in epochs]
+    assert shard_order[0] != shard_order[1] != shard_order[2]
+
+
+def test_mixture_follows_the_weights(synthetic_shards):
+    opts = options(synthetic_shards, sources={"a": f"{synthetic_shards}/train/*.tar",
+                                              "b": f"{synthetic_shards}/eval/*.tar"},
+                   weights={"a": 0.7, "b": 0.3})
+    iterator = iter(mixed_samples(opts))
+    sources = Counter("/eval/" in next(iterator)["__source__"] for _ in range(5000))
+    assert abs(sources[True] / 5000 - 0.3) < 0.02
+    iterator.close()
+
+
+def jpeg(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (16, 16, 3), np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def broken_shards(root) -> str:
+    """4 shards: 3 with 20 good samples each, one with 20 good and one sample of every broken kind."""
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    for shard in range(4):
+        with tarfile.open(root / f"{shard}.tar", "w") as tar:
+            for i in range(20):
+                add(tar, f"s{shard}k{i:02d}.jpg", jpeg(shard * 100 + i))
+                add(tar, f"s{shard}k{i:02d}.txt", b"a red circle")
+            if shard == 3:
+                add(tar, "corrupt.jpg", os.urandom(500))
+                add(tar, "corrupt.txt", b"random bytes")
+                add(tar, "cut.jpg", jpeg(7)[:200])  # a JPEG cut short
+                add(tar, "cut.txt", b"half an image")
+                add(tar, "nocap.jpg", jpeg(8))
+                add(tar, "noimage.txt", b"no image")
+    return f"{root}/*.tar"
+
+
+def test_bad_samples_are_counted_and_the_limit_stops_the_run(synthetic_shards, tmp_path):
+    spec = broken_shards(tmp_path)
+    opts = options(synthetic_shards, sources={"train": spec}, global_batch_size=4, num_epochs=1,
+                   max_skip_fraction=0.5, skip_check_after=1)
+    iterator = iter(make_train_dataset(opts))
+    batches = list(iterator)
+    assert len(batches) == 20  # all 80 good samples, nothing else
+    counts = iterator.skip_counts()
+    assert counts == {"shards": 4, "corrupt_image": 2, "no_image": 1, "no_caption": 1, "duplicate_key": 0,
+                      "truncated_tar": 0, "unreadable_shard": 0, "stalled_shard": 0}
+    (tmp_path / "garbage.tar").write_bytes(os.urandom(4096))  # unreadable: counts as a whole average shard
+    with pytest.raises(DataError, match=r"of the input was skipped, more than the limit 1.0% .*: unreadable_shard 1 "):
+        list(make_train_dataset(options(synthetic_shards, sources={"train": spec}, global_batch_size=4,
+                                        num_epochs=1, skip_check_after=50)))
+
+
+def test_nothing_usable_stops_instead_of_spinning(tmp_path, synthetic_shards):
+    for i in range(2):
+        (tmp_path / f"{i}.tar").write_bytes(os.urandom(2048))
+    dataset = make_train_dataset(options(synthetic_shards, sources={"train": f"{tmp_path}/*.tar"}))
+    with pytest.raises(DataError, match="1000 consecutive samples or shards were unusable"):
+        next(iter(dataset))
+
+
+def test_worker_count(synthetic_shards):
+    assert resolve_num_workers("auto") == min(len(os.sched_getaffinity(0)), 32)
+    assert resolve_num_workers(3) == 3
+
+
+def test_eval_split_and_prompts(synthetic_shards):
+    split = load_eval_split(f"{synthetic_shards}/eval/*.tar", str(synthetic_shards / "spm.model"),
+                            image_size=16, text_len=12)
+    assert split["image"].shape == (48, 16, 16, 3) and list(split["label"][:3]) == [0, 1, 2]
+    assert split["text"].shape == (48, 12) and (split["text"][:, 0] > 0).all()
+    prompts = tokenize_class_prompts(str(synthetic_shards / "spm.model"), ["red circle", "blue square"],
+                                     ["a {}.", "{}"], 12)
+    assert prompts.shape == (2, 2, 12)
+
+
+def test_tokenizer_eos_padding_truncation_and_missing_file(synthetic_shards, tmp_path):
+    tokenizer = Tokenizer(str(synthetic_shards / "spm.model"))
+    ids = tokenizer.encode(["a red circle", "a big red circle in the top left corner on a dark background"], 6)
+    assert ids.dtype == np.int32 and ids.shape == (2, 6)
+    first = ids[0][ids[0] != tokenizer.pad_id]
+    assert first[-1] == tokenizer.eos_id and np.all(ids[0][len(first):] == tokenizer.pad_id)
+    assert ids[1][-1] == tokenizer.eos_id  # truncated, EOS kept last
+    assert tokenizer.eos_id not in tokenizer.encode(["a red circle"], 6, add_eos=False)
+    with pytest.raises(FileNotFoundError, match="tokenizer model not found: .*missing.model"):
+        Tokenizer(str(tmp_path / "missing.model"))
+    clone = pickle.loads(pickle.dumps(tokenizer))  # grain worker processes receive it pickled
+    np.testing.assert_array_equal(clone.encode(["A Red Circle"], 6), ids[:1])
+
+
+def test_shards_written_by_make_shards(synthetic_shards):
+    sizes = json.loads((synthetic_shards / "train" / "sizes.json").read_text())
+    assert len(sizes) == 8 and sum(sizes.values()) == 200
+    assert sum(len(keys(shard_samples(f"{synthetic_shards}/train/{name}", options(synthetic_shards,
+                                                                                 num_epochs=1))))
+               for name in sizes) == 200
