@@ -20,10 +20,14 @@ setup(
         "ml_collections>=1.1,<2",
         "numpy>=2.0,<3",
         "pillow>=11,<14",
+        "simplejpeg>=1.8,<2",
+        "opencv-python-headless>=4.10,<6",
+        "fsspec[http]>=2024.6",
         "tensorboardX>=2.6.5,<3",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4"],
+        "cloud": ["gcsfs", "s3fs"],  # gs:// and s3:// shards
         "hf": ["torch==2.13.0", "transformers>=5.0,<6", "safetensors>=0.5,<1"],
     },
 )

@@ -51,13 +51,13 @@ class TrainInput:
 
 
 def default_pp_train(image_size: int, text_len: int) -> str:
-    """Inception crop (mild, as for image-text pretraining), [-1, 1] pixels, sentencepiece ids."""
-    return (f"decode_rrc({image_size}, scale=(0.9, 1.0))|value_range(-1, 1)|tokenize({text_len})|"
-            "keep('image', 'text')")
+    """Inception crop (mild, as for image-text pretraining) and sentencepiece ids. Images stay uint8: the
+    model maps them to [-1, 1] on the device, so hosts move 4x fewer bytes."""
+    return f"decode_rrc({image_size}, scale=(0.9, 1.0))|tokenize({text_len})|keep('image', 'text')"
 
 
 def default_pp_eval(image_size: int) -> str:
-    return f"decode_center_crop({image_size})|value_range(-1, 1)"
+    return f"decode_center_crop({image_size})"
 
 
 def from_config(data, *, image_size: int, text_len: int, global_batch_size: int, seed: int) -> TrainInput:

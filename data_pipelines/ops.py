@@ -14,15 +14,15 @@ import io
 import math
 from typing import Any, Callable
 
+import cv2
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 from data_pipelines.samples import SampleError
 
 Op = Callable[[dict, np.random.Generator], dict]
 OPS: dict[str, Callable[..., Op]] = {}
-# JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale; only use it when the result stays this much above target.
-_DRAFT_MARGIN = 1.0
 
 
 def register(name: str) -> Callable:
@@ -77,43 +77,69 @@ def build(spec: str, **context: Any) -> Op:
 
 
 # ---- images ------------------------------------------------------------------------------------------------
+# JPEGs decode with libjpeg-turbo through simplejpeg, at a reduced scale (M/8) when the crop allows; other
+# formats and JPEGs simplejpeg refuses (CMYK, ...) go through Pillow. Resizes use OpenCV. Measured on one core
+# (README, "Data pipeline"): 256-px JPEG -> random-resized crop 224 about 3x faster than Pillow alone.
 
-def _open(data: bytes) -> Image.Image:
+cv2.setNumThreads(1)  # one image per worker process; OpenCV's own threads would only contend
+Box = tuple[float, float, float, float]  # left, top, right, bottom in pixels
+
+
+def _is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header alone."""
+    if _is_jpeg(data):
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+            return width, height
+        except ValueError:
+            pass
     try:
-        return Image.open(io.BytesIO(data))
+        return Image.open(io.BytesIO(data)).size
     except Exception as e:  # PIL raises several types for bytes that are not an image
         raise SampleError("corrupt_image", repr(e)) from None
 
 
-def _load_rgb(image: Image.Image) -> np.ndarray:
+def _decode(data: bytes, min_width: int = 0, min_height: int = 0) -> np.ndarray:
+    """uint8 [H, W, 3]; a JPEG decodes at the smallest M/8 scale keeping W >= min_width and H >= min_height."""
+    if _is_jpeg(data):
+        try:
+            return simplejpeg.decode_jpeg(data, "RGB", min_height=min_height, min_width=min_width)
+        except ValueError:
+            pass  # CMYK and other JPEGs simplejpeg refuses; corrupt ones fail again below with the reason
     try:
-        return np.asarray(image.convert("RGB"))
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format == "JPEG" and (min_width or min_height):
+                image.draft("RGB", (min_width, min_height))
+            return np.asarray(image.convert("RGB"))
     except Exception as e:  # truncated or corrupt data surfaces when the pixels are decoded
         raise SampleError("corrupt_image", repr(e)) from None
 
 
-def _draft(image: Image.Image, box: tuple[int, int, int, int], size: tuple[int, int]) -> tuple:
-    """Lets a JPEG decode at 1/2..1/8 scale when `box` stays at least `size` large; returns the scaled box."""
-    if image.format != "JPEG":
-        return box
-    full_width, full_height = image.size
-    scale = min((box[2] - box[0]) / size[0], (box[3] - box[1]) / size[1]) / _DRAFT_MARGIN
-    if scale < 2:
-        return box
-    image.draft("RGB", (math.ceil(full_width / scale), math.ceil(full_height / scale)))
-    fx, fy = image.size[0] / full_width, image.size[1] / full_height
-    return (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bilinear; area averaging when shrinking more than 2x (bilinear would alias)."""
+    if image.shape[1] == width and image.shape[0] == height:
+        return image
+    shrink = min(image.shape[1] / width, image.shape[0] / height)
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrink > 2 else cv2.INTER_LINEAR)
 
 
-def _crop_resize(data: bytes, box: Callable[[int, int], tuple], size: int) -> np.ndarray:
-    image = _open(data)
-    target = (size, size)
-    scaled_box = _draft(image, box(*image.size), target)
-    try:
-        image = image.convert("RGB")
-        return np.asarray(image.resize(target, Image.Resampling.BILINEAR, box=scaled_box))
-    except Exception as e:
-        raise SampleError("corrupt_image", repr(e)) from None
+def _crop(image: np.ndarray, box: Box) -> np.ndarray:
+    left, top, right, bottom = (int(round(v)) for v in box)
+    return image[max(top, 0):max(bottom, top + 1), max(left, 0):max(right, left + 1)]
+
+
+def _decode_crop_resize(data: bytes, choose_box: Callable[[int, int], Box], size: int) -> np.ndarray:
+    """Decodes only as much resolution as the chosen crop needs, then crops and resizes to size x size."""
+    width, height = _image_size(data)
+    box = choose_box(width, height)
+    image = _decode(data, math.ceil(size * width / max(box[2] - box[0], 1)),
+                    math.ceil(size * height / max(box[3] - box[1], 1)))
+    fx, fy = image.shape[1] / width, image.shape[0] / height
+    return _resize(_crop(image, (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)), size, size)
 
 
 def sample_crop(width: int, height: int, rng: np.random.Generator, scale: tuple[float, float],
@@ -140,7 +166,7 @@ def sample_crop(width: int, height: int, rng: np.random.Generator, scale: tuple[
     return left, top, left + w, top + h
 
 
-def _centre_box(width: int, height: int, crop_fraction: float) -> tuple[int, int, int, int]:
+def _centre_box(width: int, height: int, crop_fraction: float) -> Box:
     side = min(width, height) * crop_fraction
     left, top = (width - side) / 2, (height - side) / 2
     return left, top, left + side, top + side
@@ -149,14 +175,14 @@ def _centre_box(width: int, height: int, crop_fraction: float) -> tuple[int, int
 @register("decode")
 def decode(min_size: int | None = None) -> Op:
     """Encoded bytes -> uint8 [H, W, 3]; with `min_size`, a JPEG decodes at the smallest scale whose short
-    side stays >= min_size (draft mode)."""
+    side stays >= min_size."""
     def op(sample, rng):
-        image = _open(sample["image"])
-        if min_size:
-            width, height = image.size
-            _draft(image, (0, 0, width, height), (min_size * width // min(width, height),
-                                                  min_size * height // min(width, height)))
-        return {**sample, "image": _load_rgb(image)}
+        if not min_size:
+            return {**sample, "image": _decode(sample["image"])}
+        width, height = _image_size(sample["image"])
+        short = min(width, height)
+        image = _decode(sample["image"], math.ceil(min_size * width / short), math.ceil(min_size * height / short))
+        return {**sample, "image": image}
     return op
 
 
@@ -166,8 +192,8 @@ def decode_random_resized_crop(size: int, scale: tuple[float, float] = (0.08, 1.
     """Decode + random resized crop in one step: the crop is chosen on the header's size, then the JPEG is
     decoded at the smallest scale that keeps the crop >= size (big_vision's decode_jpeg_and_inception_crop)."""
     def op(sample, rng):
-        crop = lambda width, height: sample_crop(width, height, rng, scale, ratio)
-        return {**sample, "image": _crop_resize(sample["image"], crop, size)}
+        choose = lambda width, height: sample_crop(width, height, rng, scale, ratio)
+        return {**sample, "image": _decode_crop_resize(sample["image"], choose, size)}
     return op
 
 
@@ -175,23 +201,16 @@ def decode_random_resized_crop(size: int, scale: tuple[float, float] = (0.08, 1.
 def decode_center_crop(size: int, crop_fraction: float = 1.0) -> Op:
     """Decode + centre square crop (a fraction of the short side) resized to size, with scaled decoding."""
     def op(sample, rng):
-        crop = lambda width, height: _centre_box(width, height, crop_fraction)
-        return {**sample, "image": _crop_resize(sample["image"], crop, size)}
+        choose = lambda width, height: _centre_box(width, height, crop_fraction)
+        return {**sample, "image": _decode_crop_resize(sample["image"], choose, size)}
     return op
-
-
-def _resample(image: np.ndarray, box: tuple, size: tuple[int, int]) -> np.ndarray:
-    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR, box=box))
 
 
 @register("resize")
 def resize(size: int) -> Op:
-    """Square resize (bilinear, antialiased), aspect not kept."""
+    """Square resize, aspect not kept."""
     def op(sample, rng):
-        height, width = sample["image"].shape[:2]
-        if (height, width) == (size, size):
-            return sample
-        return {**sample, "image": _resample(sample["image"], (0, 0, width, height), (size, size))}
+        return {**sample, "image": _resize(sample["image"], size, size)}
     return op
 
 
@@ -202,7 +221,7 @@ def resize_small(size: int) -> Op:
         height, width = sample["image"].shape[:2]
         factor = size / min(height, width)
         target = (max(size, round(width * factor)), max(size, round(height * factor)))
-        return {**sample, "image": _resample(sample["image"], (0, 0, width, height), target)}
+        return {**sample, "image": _resize(sample["image"], *target)}
     return op
 
 
@@ -220,11 +239,11 @@ def center_crop(size: int) -> Op:
 @register("random_resized_crop")
 def random_resized_crop(size: int, scale: tuple[float, float] = (0.08, 1.0),
                         ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Op:
-    """Random resized crop of a decoded image (use decode_rrc to also decode at reduced scale)."""
+    """Random resized crop of a decoded image (decode_rrc also decodes at reduced scale: prefer it)."""
     def op(sample, rng):
         height, width = sample["image"].shape[:2]
         box = sample_crop(width, height, rng, scale, ratio)
-        return {**sample, "image": _resample(sample["image"], box, (size, size))}
+        return {**sample, "image": _resize(_crop(sample["image"], box), size, size)}
     return op
 
 
@@ -242,7 +261,9 @@ def value_range(low: float = -1.0, high: float = 1.0) -> Op:
     """uint8 [0, 255] -> float32 [low, high]."""
     def op(sample, rng):
         image = sample["image"].astype(np.float32)
-        return {**sample, "image": image * ((high - low) / 255.0) + low}
+        image *= (high - low) / 255.0  # in place: each new 600 KB array costs page faults
+        image += low
+        return {**sample, "image": image}
     return op
 
 
@@ -252,7 +273,9 @@ def normalize(mean: tuple[float, float, float], std: tuple[float, float, float])
     scale = 1.0 / (255.0 * np.asarray(std, np.float32))
     shift = np.asarray(mean, np.float32) / np.asarray(std, np.float32)
     def op(sample, rng):
-        return {**sample, "image": sample["image"] * scale - shift}
+        image = sample["image"] * scale
+        image -= shift
+        return {**sample, "image": image}
     return op
 
 

@@ -116,3 +116,10 @@ def test_two_towers_embeddings_are_normalised_with_loss_specific_init(loss):
         assert np.isclose(np.exp(log_scale), 10.0) and bias == -10.0
     else:
         assert np.isclose(np.exp(log_scale), 1 / 0.07, rtol=1e-5) and bias is None
+
+
+def test_uint8_pixels_are_mapped_to_minus_one_one_on_device():
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    vit = ViT(tiny_vit(), nnx.Rngs(0))
+    np.testing.assert_allclose(vit(jnp.asarray(pixels)), vit(jnp.asarray(pixels / 127.5 - 1, jnp.float32)),
+                               rtol=1e-5, atol=1e-5)

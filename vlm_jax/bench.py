@@ -2,9 +2,11 @@
 
     python -m vlm_jax.bench step --config=configs/bench/siglip_s16.py [--steps=10] [--config.key=value ...]
         [--peer=open_clip --peer-python=.venv-peer/bin/python]
+    python -m vlm_jax.bench data --config=configs/bench/data_256.py [--batches=60 --warmup=10]
+        [--peer=open_clip --peer-python=.venv-peer/bin/python]
 
-With --peer, the peer's train step on the same shapes is timed right after ours in the same run (in its own
-Python environment, see `make peer-env`) and the ratio is reported.
+With --peer, the peer (its train step, or its webdataset loader on the same shards) is timed right after ours
+in the same run (in its own Python environment, see `make peer-env`) and the ratio is reported.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlm_jax.bench_data import bench_data
 from vlm_jax.config import ConfigError, load_config
 from vlm_jax.flops import two_towers_train_flops_per_sample
 from vlm_jax.parallel.mesh import make_mesh
@@ -110,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     step.add_argument("--steps", type=int, default=10)
     step.add_argument("--peer", choices=["open_clip"])
     step.add_argument("--peer-python", default=".venv-peer/bin/python")
+    data = commands.add_parser("data", help="input pipeline samples/s (and the single-core decode rate)")
+    data.add_argument("--config", required=True)
+    data.add_argument("--batches", type=int, default=60)
+    data.add_argument("--warmup", type=int, default=10)
+    data.add_argument("--peer", choices=["open_clip"])
+    data.add_argument("--peer-python", default=".venv-peer/bin/python")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     overrides = [item[len("--config."):] for item in rest if item.startswith("--config.")]
     if len(overrides) != len(rest):
@@ -119,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.command == "data":
+        peer_python = args.peer_python if args.peer else None
+        print(json.dumps({"config": args.config, **bench_data(config, args.batches, args.warmup, peer_python)}),
+              flush=True)
+        return 0
     result = {"config": args.config, **bench_step(config, args.steps)}
     if args.peer:
         peer = run_peer(args.peer, args.peer_python, config.batch_size, args.steps)

@@ -68,7 +68,10 @@ class ViT(nnx.Module):
             self.map_head = MapHead(spec, rngs)
 
     def __call__(self, image_BxHxWx3: jax.Array) -> jax.Array:
+        """Float pixels are used as given; uint8 pixels (4x less host-to-device traffic) map to [-1, 1]."""
         cfg = self.config
+        if image_BxHxWx3.dtype == jnp.uint8:
+            image_BxHxWx3 = image_BxHxWx3.astype(jnp.float32) * (2 / 255) - 1
         x = self.patch_embed(image_BxHxWx3.astype(cfg.dtype))
         x_BxNxD = x.reshape(x.shape[0], -1, self.width)
         if cfg.pool == "tok":
