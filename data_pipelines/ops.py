@@ -103,7 +103,7 @@ def _image_size(data: bytes) -> tuple[int, int]:
         raise SampleError("corrupt_image", repr(e)) from None
 
 
-def _decode(data: bytes, min_width: int = 0, min_height: int = 0) -> np.ndarray:
+def decode_image(data: bytes, min_width: int = 0, min_height: int = 0) -> np.ndarray:
     """uint8 [H, W, 3]; a JPEG decodes at the smallest M/8 scale keeping W >= min_width and H >= min_height."""
     if _is_jpeg(data):
         try:
@@ -136,7 +136,7 @@ def _decode_crop_resize(data: bytes, choose_box: Callable[[int, int], Box], size
     """Decodes only as much resolution as the chosen crop needs, then crops and resizes to size x size."""
     width, height = _image_size(data)
     box = choose_box(width, height)
-    image = _decode(data, math.ceil(size * width / max(box[2] - box[0], 1)),
+    image = decode_image(data, math.ceil(size * width / max(box[2] - box[0], 1)),
                     math.ceil(size * height / max(box[3] - box[1], 1)))
     fx, fy = image.shape[1] / width, image.shape[0] / height
     return _resize(_crop(image, (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)), size, size)
@@ -178,10 +178,10 @@ def decode(min_size: int | None = None) -> Op:
     side stays >= min_size."""
     def op(sample, rng):
         if not min_size:
-            return {**sample, "image": _decode(sample["image"])}
+            return {**sample, "image": decode_image(sample["image"])}
         width, height = _image_size(sample["image"])
         short = min(width, height)
-        image = _decode(sample["image"], math.ceil(min_size * width / short), math.ceil(min_size * height / short))
+        image = decode_image(sample["image"], math.ceil(min_size * width / short), math.ceil(min_size * height / short))
         return {**sample, "image": image}
     return op
 

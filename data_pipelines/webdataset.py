@@ -3,7 +3,8 @@
 A shard's members are grouped into samples by key (`{key}.jpg`, `{key}.txt`, `{key}.json` as img2dataset
 writes them) and mapped to raw samples (see samples.py). The iterator's state is the byte offset of the next
 sample's first header, so a restored iterator seeks there and yields exactly what an uninterrupted one would.
-Broken samples and shards become skip records `{"__skipped__": {reason: 1}}` instead of exceptions; a
+Broken samples and shards become skip records `{"__skipped__": {reason: 1}, "__where__": key or byte offset}`
+instead of exceptions; a
 shard's first record carries SHARD_START, so downstream can count the shards read.
 """
 
@@ -185,7 +186,7 @@ class TarShardIterator(grain.DatasetIterator):
 
     def _shard_skip(self, reason: str, error: Exception) -> dict:
         log_skip(reason, self._url, "", f"at byte {self._offset}: {error!r}")
-        return {"__skipped__": {reason: 1}}
+        return {"__skipped__": {reason: 1}, "__where__": f"byte {self._offset}: {error}"}
 
     def _keys_before(self, offset: int) -> set[str]:
         """Keys of the samples before `offset` (a header scan), so duplicate detection survives a resume."""
@@ -231,7 +232,7 @@ class TarShardIterator(grain.DatasetIterator):
             return to_raw_sample(members, key, self._url, self._fields)
         except SampleError as e:
             log_skip(e.reason, self._url, key)
-            return {"__skipped__": {e.reason: 1}}
+            return {"__skipped__": {e.reason: 1}, "__where__": f"key {key}"}
 
 
 class TarShardDataset(grain.IterDataset):

@@ -203,3 +203,15 @@ def test_shards_written_by_make_shards(synthetic_shards):
     assert sum(len(keys(shard_samples(f"{synthetic_shards}/train/{name}", options(synthetic_shards,
                                                                                  num_epochs=1))))
                for name in sizes) == 200
+
+
+def test_inspect_reports_bad_samples_by_reason(tmp_path, capsys):
+    from data_pipelines import inspect
+    spec = broken_shards(tmp_path)
+    assert inspect.main([spec, "--show", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "3.tar: 20 samples; bad: corrupt_image 2, no_caption 1, no_image 1" in out
+    assert "corrupt_image: key corrupt" in out and "no_image: key noimage" in out
+    assert "4 shards, 80 good samples, 4 bad" in out
+    result = inspect.inspect([f"{tmp_path}/0.tar"], decode=False)
+    assert result["totals"] == {"samples": 20} and result["reports"][0]["shown"][0]["key"] == "s0k00"
