@@ -38,7 +38,8 @@ class _PreprocessIterator(grain.DatasetIterator):
             if "__skipped__" in record:
                 for reason, count in record["__skipped__"].items():
                     pending[_INDEX[reason]] += count
-                failures, last = failures + 1, f"{record['__skipped__']}"
+                reason = ", ".join(record["__skipped__"])
+                failures, last = failures + 1, f"{reason} in {record.get('__source__')} at {record.get('__where__')}"
             else:
                 key = f"{record.get('__source__', '')}/{record.get('__key__', '')}"
                 rng = np.random.default_rng([self._seed, self._index, zlib.crc32(key.encode())])

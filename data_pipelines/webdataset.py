@@ -186,7 +186,7 @@ class TarShardIterator(grain.DatasetIterator):
 
     def _shard_skip(self, reason: str, error: Exception) -> dict:
         log_skip(reason, self._url, "", f"at byte {self._offset}: {error!r}")
-        return {"__skipped__": {reason: 1}, "__where__": f"byte {self._offset}: {error}"}
+        return {"__skipped__": {reason: 1}, "__source__": self._url, "__where__": f"byte {self._offset}: {error}"}
 
     def _keys_before(self, offset: int) -> set[str]:
         """Keys of the samples before `offset` (a header scan), so duplicate detection survives a resume."""
@@ -232,7 +232,7 @@ class TarShardIterator(grain.DatasetIterator):
             return to_raw_sample(members, key, self._url, self._fields)
         except SampleError as e:
             log_skip(e.reason, self._url, key)
-            return {"__skipped__": {e.reason: 1}, "__where__": f"key {key}"}
+            return {"__skipped__": {e.reason: 1}, "__source__": self._url, "__where__": f"key {key}"}
 
 
 class TarShardDataset(grain.IterDataset):

@@ -41,15 +41,26 @@ def train_args(data_dir, workdir, *extra):
 
 
 def assert_one_line_error(result, message):
+    """Exit 2 and one `error:` line naming the cause (skipped data is also logged, as WARNING lines)."""
     assert result.returncode == 2, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("WARNING:")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr[-2000:]
+
+
+def final_loss(workdir) -> float:
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if "loss" in line][-1]["loss"]
 
 
 @pytest.mark.slow
 def test_kill_resume_and_evaluate(data_dir, tmp_path):
+    """kill -9 mid-run with 2 data workers; the resumed run ends with the uninterrupted run's exact loss,
+    because the grain iterator state (workers, shuffle windows, shard offsets) is in the orbax checkpoint."""
+    workers = "--config.data.num_workers=2"
+    reference = run(*train_args(data_dir, tmp_path / "reference", "--config.total_steps=40", workers))
+    assert reference.returncode == 0, reference.stderr[-3000:]
     workdir = tmp_path / "run"
-    args = [sys.executable, "-m", *train_args(data_dir, workdir, "--config.total_steps=40")]
+    args = [sys.executable, "-m", *train_args(data_dir, workdir, "--config.total_steps=40", workers)]
     process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while not (workdir / "checkpoints" / "10").is_dir() and time.time() < deadline and process.poll() is None:
@@ -58,9 +69,12 @@ def test_kill_resume_and_evaluate(data_dir, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
 
-    resumed = run(*train_args(data_dir, workdir, "--config.total_steps=40"))
+    resumed = run(*train_args(data_dir, workdir, "--config.total_steps=40", workers))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
+    assert final_loss(workdir) == final_loss(tmp_path / "reference")
+    last = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if "loss" in line][-1]
+    assert last["data/skipped/corrupt_image"] == 0 and last["data/shards"] >= 4
     steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
              if "loss" in line]
     assert steps[-1] == 40 and steps == sorted(set(steps))  # no duplicates from the killed run
@@ -77,6 +91,13 @@ def test_kill_resume_and_evaluate(data_dir, tmp_path):
 def test_empty_shard_list(data_dir, tmp_path):
     result = run(*train_args(data_dir, tmp_path, f"--config.data.train_shards={data_dir}/nothing/*.tar"))
     assert_one_line_error(result, "no shards match")
+
+
+def test_unusable_shards_stop_the_run(data_dir, tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.tar").write_bytes(os.urandom(2048))
+    result = run(*train_args(data_dir, tmp_path / "run", f"--config.data.train_shards={tmp_path}/*.tar"))
+    assert_one_line_error(result, "consecutive samples or shards were unusable")
 
 
 def test_missing_tokenizer(data_dir, tmp_path):
