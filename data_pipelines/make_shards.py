@@ -71,7 +71,7 @@ def make_synthetic(args: argparse.Namespace) -> None:
             count = min(args.samples_per_shard, total - first)
             jobs.append((split_dir, split, shard_index, first, count, args.image_size, args.jpeg_quality,
                          args.seed))
-    with multiprocessing.Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
+    with multiprocessing.get_context("spawn").Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
         written = pool.map(write_synthetic_shard, jobs)
     for split in ("train", "eval"):
         split_dir = os.path.join(args.out, split)
@@ -153,9 +153,8 @@ def make_from_source(dataset: grain.MapDataset, classes: list[str] | None, args:
     total, per_shard = len(dataset), args.samples_per_shard
     jobs = [(args.out, shard_index, first, min(per_shard, total - first), args.resize_max)
             for shard_index, first in enumerate(range(0, total, per_shard))]
-    # spawn, not fork: grain has imported jax, whose threads make a forked child liable to deadlock.
-    spawn = multiprocessing.get_context("spawn")
-    with spawn.Pool(min(len(jobs), os.cpu_count() or 1), use_source, (dataset,)) as pool:
+    with multiprocessing.get_context("spawn").Pool(min(len(jobs), os.cpu_count() or 1), use_source,
+                                                   (dataset,)) as pool:
         written = pool.map(write_source_shard, jobs)
     write_sizes(args.out, {name: count for name, count, _ in written})
     if classes is not None:

@@ -57,15 +57,26 @@ class _GuardedRaw(io.RawIOBase):
         super().close()
 
 
+def check_remote_support(urls: list[str]) -> None:
+    """Fails once, up front, if a URL's protocol has no fsspec implementation installed (e.g. gs:// without
+    gcsfs), instead of skipping every shard."""
+    protocols = {url.split("://", 1)[0] for url in urls if not is_local(url)}
+    if protocols:
+        import fsspec
+    for protocol in sorted(protocols):
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except (ImportError, ValueError) as e:
+            raise ValueError(f"cannot read {protocol}:// shards: {e} (pip install 'vlm_jax[cloud]' for gs:// "
+                             "and s3://)") from None
+
+
 def _open_raw(url: str) -> BinaryIO:
     if is_local(url):
         return open(url.removeprefix("file://"), "rb")
     import fsspec  # imported here: fsspec is only needed for remote shards
     protocol = url.split("://", 1)[0]
-    try:
-        filesystem = fsspec.filesystem(protocol)
-    except (ImportError, ValueError) as e:
-        raise OSError(f"cannot read {protocol}:// shards: {e}") from None
+    filesystem = fsspec.filesystem(protocol)
     # HTTP servers often ignore range requests: stream the body instead (block_size=0).
     block_size = 0 if protocol in ("http", "https") else _BUFFER_BYTES
     return filesystem.open(url, "rb", block_size=block_size)

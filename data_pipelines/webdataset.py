@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 import grain
 
 from data_pipelines.samples import DataError, SampleError
-from data_pipelines.shard_io import PERMANENT_ERRORS, ReadOptions, is_local, open_shard
+from data_pipelines.shard_io import PERMANENT_ERRORS, ReadOptions, check_remote_support, is_local, open_shard
 from data_pipelines.tar_members import TarDamaged, iter_members
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -80,6 +80,7 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     for path in shards:
         if is_local(path) and not os.path.isfile(path.removeprefix("file://")):
             raise FileNotFoundError(f"shard not found: {path}")
+    check_remote_support(shards)
     return shards
 
 

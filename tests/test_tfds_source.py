@@ -149,3 +149,22 @@ def test_missing_dataset_or_split_is_a_one_line_error(data_dir, name, split):
     message = str(error.value)
     assert "\n" not in message and name in message and repr(split) in message and data_dir in message
     assert sorted(os.listdir(data_dir)) == before  # nothing downloaded or created
+
+
+def test_eval_split_from_tfds_and_folder_sources(data_dir, synthetic_shards, tmp_path):
+    """load_eval_split reads tfds:NAME/SPLIT@DIR, folder:DIR and csv:FILE sources like tar shards."""
+    from data_pipelines.input_pipeline import load_eval_split
+    tokenizer = str(synthetic_shards / "spm.model")
+    split = load_eval_split(f"tfds:tiny_classification/validation@{data_dir}", tokenizer, image_size=8, text_len=6)
+    assert split["image"].shape == (12, 8, 8, 3) and sorted(split["label"]) == sorted(CLS_LABELS)
+    assert not split["text"].any()  # no captions: all padding
+    captions = load_eval_split(f"tfds:tiny_captions/val@{data_dir}", tokenizer, image_size=8, text_len=6)
+    assert captions["image"].shape[0] == len(CAPTIONS) and (captions["label"] == -1).all()
+    assert (captions["text"][:, 0] > 0).all()
+    for i, array in enumerate(CLS_IMAGES[:3]):
+        (tmp_path / f"{i}.png").write_bytes(encode(array, "PNG"))
+        (tmp_path / f"{i}.txt").write_text(f"a red circle {i}")
+    (tmp_path / "list.csv").write_text("filepath,caption\n0.png,first\n2.png,third\n")
+    folder = load_eval_split(f"folder:{tmp_path}", tokenizer, image_size=16, text_len=6)
+    np.testing.assert_array_equal(folder["image"][1], CLS_IMAGES[1])
+    assert load_eval_split(f"csv:{tmp_path}/list.csv", tokenizer, image_size=16, text_len=6)["image"].shape[0] == 2

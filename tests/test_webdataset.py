@@ -93,6 +93,8 @@ def test_shard_specs(tmp_path):
     assert expand_shards(f"{tmp_path}/*.tar,{tmp_path}/000.tar")[-1] == f"{tmp_path}/000.tar"
     assert expand_shards(str(tmp_path / "list.txt")) == [f"{tmp_path}/001.tar", f"{tmp_path}/003.tar"]
     assert expand_shards(["http://host/x.tar"]) == ["http://host/x.tar"]  # remote: checked when read
+    with pytest.raises(ValueError, match="cannot read nosuchfs:// shards"):
+        expand_shards("nosuchfs://bucket/{0..3}.tar")
     with pytest.raises(DataError, match="no shards match"):
         expand_shards(f"{tmp_path}/none/*.tar")
     with pytest.raises(FileNotFoundError, match="shard not found: .*004.tar"):
