@@ -19,7 +19,7 @@ class _WindowShuffleIterator(grain.DatasetIterator):
         self._window_size, self._seed = window_size, seed
         self._window_index, self._position = 0, 0
         self._window: list = []
-        self._window_start_state = self._parent.get_state()
+        self._window_start_state: dict | None = None  # read lazily: it opens the parent's first shards
 
     def _fill(self) -> None:
         self._window_start_state = self._parent.get_state()
@@ -46,6 +46,8 @@ class _WindowShuffleIterator(grain.DatasetIterator):
         return element
 
     def get_state(self) -> dict:
+        if self._window_start_state is None:
+            self._window_start_state = self._parent.get_state()
         return {"parent": copy.deepcopy(self._window_start_state), "window_index": self._window_index,
                 "position": self._position}
 
