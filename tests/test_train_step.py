@@ -38,7 +38,7 @@ def make_batch(seed=0):
 def setup(config, devices):
     mesh = make_mesh(config.mesh, devices)
     sharding = batch_sharding(mesh, config.sharding_rules)
-    task = get_task(config)
+    task = get_task(config, mesh)
     layout = make_state_layout(task, config, mesh)
     return layout, sharding, make_train_step(task, layout, sharding)
 

@@ -64,7 +64,7 @@ def bench_step(config, steps: int) -> dict:
     """Median train-step time, throughput and MFU for `config` on synthetic inputs."""
     mesh = make_mesh(config.mesh)
     sharding = batch_sharding(mesh, config.sharding_rules)
-    task = get_task(config)
+    task = get_task(config, mesh)
     layout = make_state_layout(task, config, mesh)
     state = init_train_state(layout, config.seed)
     train_step = make_train_step(task, layout, sharding)

@@ -36,6 +36,7 @@ DEFAULT_SHARDING_RULES = (
 CHOICES = {
     "task": ("contrastive",),
     "model.loss": ("sigmoid", "softmax"),
+    "model.loss_impl": ("collective", "global"),
     "model.dtype": ("float32", "bfloat16"),
     "optim.name": ("adamw", "adafactor"),
     "optim.decay": ("cosine", "rsqrt", "linear", "constant"),
@@ -64,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.loss = "sigmoid"
+    # "collective": over data-parallel devices, SigLIP as a ppermute ring and CLIP from all-gathered embeddings
+    # (shard_map; never B x B logits per device). "global": the plain loss, partitioned by XLA.
+    c.model.loss_impl = "collective"
     c.model.embed_dim = 768
     c.model.dtype = "float32"
     c.model.scan = False

@@ -83,7 +83,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if config.batch_size % ways:
         raise ConfigError(f"batch_size {config.batch_size} is not divisible by the data-parallel size {ways}")
     check_tokenizer_fits(config)
-    task = get_task(config)
+    task = get_task(config, mesh)
     layout = make_state_layout(task, config, mesh)
     log(f"model: {param_count(layout):,} parameters; mesh {dict(mesh.shape)}")
     data_iterator = make_train_iterator(config)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ml_collections
+from jax.sharding import Mesh
 
 from vlm_jax.tasks.contrastive import ContrastiveTask
 
 TASKS = {"contrastive": ContrastiveTask}
 
 
-def get_task(config: ml_collections.ConfigDict):
-    """The task object named by `config.task`."""
-    return TASKS[config.task](config)
+def get_task(config: ml_collections.ConfigDict, mesh: Mesh | None = None):
+    """The task object named by `config.task`; with a mesh, losses may use collectives over it."""
+    return TASKS[config.task](config, mesh)

@@ -9,10 +9,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from jax.sharding import Mesh
 
 from vlm_jax.models.text import TextConfig
 from vlm_jax.models.two_towers import TwoTowers
 from vlm_jax.models.vit import ViTConfig
+from vlm_jax.parallel.contrastive import DISTRIBUTED_LOSSES, block_top1, local_block_top1
+from vlm_jax.parallel.sharding import logical_to_mesh_spec
 from vlm_jax.tasks.contrastive_losses import LOSSES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -24,9 +27,13 @@ class ContrastiveTask:
 
     batch_keys = ("image", "text")
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None = None):
         self.config = config
         self.loss_fn = LOSSES[config.model.loss]
+        self.mesh, self.loss_axes = mesh, ()
+        if mesh is not None and config.model.loss_impl == "collective":
+            spec = logical_to_mesh_spec(("batch",), config.sharding_rules, mesh)[0]
+            self.loss_axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
 
     def build_model(self, rngs: nnx.Rngs) -> TwoTowers:
         m = self.config.model
@@ -42,13 +49,14 @@ class ContrastiveTask:
     def loss(self, model: TwoTowers, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(scalar loss, metrics) for one batch."""
         zimg_BxE, ztxt_BxE, log_scale, bias = model(batch["image"], batch["text"])
-        loss = self.loss_fn(zimg_BxE, ztxt_BxE, log_scale, bias)
-        similarity_BxB = zimg_BxE @ ztxt_BxE.T
-        batch_size = similarity_BxB.shape[0]
-        metrics = {
-            "logit_scale": jnp.exp(log_scale),
-            "in_batch_i2t_top1": jnp.mean(jnp.argmax(similarity_BxB, axis=1) == jnp.arange(batch_size)),
-        }
+        if self.loss_axes:
+            distributed = DISTRIBUTED_LOSSES[self.config.model.loss]
+            loss = distributed(self.mesh, self.loss_axes, zimg_BxE, ztxt_BxE, log_scale, bias)
+            top1 = local_block_top1(self.mesh, self.loss_axes, zimg_BxE, ztxt_BxE)
+        else:
+            loss = self.loss_fn(zimg_BxE, ztxt_BxE, log_scale, bias)
+            top1 = block_top1(zimg_BxE, ztxt_BxE)
+        metrics = {"logit_scale": jnp.exp(log_scale), "in_batch_i2t_top1": top1}
         if bias is not None:
             metrics["logit_bias"] = bias
         return loss, metrics
