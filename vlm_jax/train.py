@@ -26,6 +26,7 @@ from vlm_jax.config import ConfigError, load_config, save_config
 from vlm_jax.evaluate import (EvalData, Embedders, eval_batch_size, load_eval_data, make_embedders,
                               run_evaluators)
 from vlm_jax.metrics import IntervalAverager, MetricsWriter, Progress
+from vlm_jax.parallel.distributed import DistributedOptions, initialize, options_from_env
 from vlm_jax.parallel.mesh import make_mesh
 from vlm_jax.parallel.sharding import batch_sharding, data_parallel_size, to_global_batch
 from vlm_jax.tasks import get_task
@@ -143,23 +144,28 @@ def write_metrics(step: int, taken: list, counters: dict[str, float], writer: Me
     log(progress.line(step, scalars))
 
 
-def parse_args(argv: list[str]) -> tuple[str, str, list[str]]:
+def parse_args(argv: list[str]) -> tuple[str, str, list[str], DistributedOptions]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="path/to/config.py[:arg]")
     parser.add_argument("--workdir", required=True)
+    parser.add_argument("--coordinator", help="host:port of process 0 (multi-process jobs; or VLM_JAX_COORDINATOR)")
+    parser.add_argument("--num-processes", type=int, help="or VLM_JAX_NUM_PROCESSES")
+    parser.add_argument("--process-id", type=int, help="or VLM_JAX_PROCESS_ID")
     args, rest = parser.parse_known_args(argv)
     overrides = []
     for item in rest:
         if not item.startswith("--config."):
             parser.error(f"unrecognised argument {item!r}; overrides look like --config.key=value")
         overrides.append(item[len("--config."):])
-    return args.config, args.workdir, overrides
+    distributed = options_from_env(args.coordinator, args.num_processes, args.process_id)
+    return args.config, args.workdir, overrides, distributed
 
 
 def main(argv: list[str] | None = None) -> int:
-    config_spec, workdir, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    config_spec, workdir, overrides, distributed = parse_args(sys.argv[1:] if argv is None else argv)
     started = time.perf_counter()
     try:
+        initialize(distributed)
         config = load_config(config_spec, overrides)
         results = train(config, workdir)
     except USER_ERRORS as e:

@@ -1,0 +1,77 @@
+"""Multi-process start-up on JAX's distributed runtime.
+
+Explicit settings (flags, or the environment that `launch/local.py` and cluster launchers set:
+VLM_JAX_COORDINATOR, VLM_JAX_NUM_PROCESSES, VLM_JAX_PROCESS_ID) start `jax.distributed` with a coordinator;
+on TPU VMs and recognised clusters (SLURM, ...) `jax.distributed.initialize()` finds them itself when
+VLM_JAX_AUTO_DISTRIBUTED=1. CPU processes exchange collectives over gloo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+
+import jax
+
+from vlm_jax.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedOptions:
+    coordinator: str | None = None   # host:port of process 0
+    num_processes: int = 1
+    process_id: int = 0
+    timeout_s: int = 300             # how long to wait for the coordinator and the other processes
+
+
+def options_from_env(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None, timeout_s: int | None = None) -> DistributedOptions:
+    """Flags win over the environment; unset means one process."""
+    env = os.environ
+    return DistributedOptions(
+        coordinator=coordinator or env.get("VLM_JAX_COORDINATOR"),
+        num_processes=int(num_processes or env.get("VLM_JAX_NUM_PROCESSES", 1)),
+        process_id=int(process_id if process_id is not None else env.get("VLM_JAX_PROCESS_ID", 0)),
+        timeout_s=int(timeout_s or env.get("VLM_JAX_DISTRIBUTED_TIMEOUT_S", 300)))
+
+
+def wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Polls host:port until it accepts a connection: the runtime aborts the process (no exception) when it
+    cannot reach the coordinator, so check first and fail in one line."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"cannot reach the coordinator {address} within {timeout_s:g} s: {e}") from None
+            time.sleep(0.5)
+
+
+def initialize(options: DistributedOptions) -> None:
+    """Joins the job's processes (no-op for a single process); fails in one line if the coordinator is gone."""
+    if os.environ.get("VLM_JAX_AUTO_DISTRIBUTED") == "1":
+        jax.distributed.initialize(initialization_timeout=options.timeout_s)
+        return
+    if options.num_processes <= 1:
+        return
+    if not options.coordinator:
+        raise ConfigError(f"{options.num_processes} processes need a coordinator address (host:port)")
+    if not 0 <= options.process_id < options.num_processes:
+        raise ConfigError(f"process id {options.process_id} is outside 0..{options.num_processes - 1}")
+    if options.process_id:
+        wait_for_coordinator(options.coordinator, options.timeout_s)
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(options.coordinator, options.num_processes, options.process_id,
+                                   initialization_timeout=options.timeout_s)
+    except Exception as e:  # the runtime raises XlaRuntimeError / RuntimeError with long multi-line texts
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot join the job through coordinator {options.coordinator} as process "
+                          f"{options.process_id} of {options.num_processes} within {options.timeout_s} s: "
+                          f"{first_line}") from None
