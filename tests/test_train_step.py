@@ -134,3 +134,40 @@ def test_step_makes_no_hidden_host_device_transfers():
 def test_mesh_that_does_not_fit_the_devices_fails_clearly():
     with pytest.raises(ConfigError, match="multiply to 6, but there are 8 devices"):
         make_mesh(tiny_config(data=3, fsdp=2).mesh)
+
+
+def test_parameter_table_and_replication_check():
+    from vlm_jax.parallel.param_table import check_replication, format_table, parameter_rows
+    layout, _, _ = setup(tiny_config(data=1, fsdp=8), jax.devices())
+    rows = parameter_rows(layout.abstract_state["params"], layout.shardings["params"])
+    by_path = {row.path: row for row in rows}
+    fc1 = by_path["image_encoder/encoder/blocks/0/mlp/fc1/kernel"]
+    assert fc1.spec == "('fsdp', None)" and fc1.device_bytes == fc1.total_bytes // 8
+    assert by_path["logit_scale"].replicated
+    table = format_table(rows)
+    assert "image_encoder/encoder/blocks/0/mlp/fc1/kernel" in table and "replicated" in table.splitlines()[-1]
+    check_replication(rows, fsdp=8, max_fraction=0.2)
+    with pytest.raises(ConfigError, match=r"of the parameter bytes stay replicated with fsdp=8 \(limit 1%"):
+        check_replication(rows, fsdp=8, max_fraction=0.01)
+    replicated_rules = tuple((name, None) for name, _ in tiny_config().sharding_rules)
+    config = tiny_config(data=1, fsdp=8)
+    config.sharding_rules = replicated_rules
+    layout, _, _ = setup(config, jax.devices())
+    with pytest.raises(ConfigError, match="100.0% of the parameter bytes stay replicated"):
+        check_replication(parameter_rows(layout.abstract_state["params"], layout.shardings["params"]), 8, 0.2)
+
+
+def test_fsdp8_state_bytes_per_device_are_an_eighth():
+    """Compiled per-device argument bytes of params + optimizer state with fsdp=8 <= 1.1 x total / 8."""
+    config = tiny_config(data=1, fsdp=8)
+    for tower in (config.model.image, config.model.text):
+        tower.width, tower.mlp_dim = 128, 512
+    layout, sharding, step_fn = setup(config, jax.devices())
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(layout.abstract_state))
+    batch = {key: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
+             for key, value in make_batch().items()}
+    batch_bytes = sum(value.size * value.dtype.itemsize for value in make_batch().values()) // 8
+    compiled = step_fn.lower(layout.abstract_state, batch).compile()
+    per_device = compiled.memory_analysis().argument_size_in_bytes - batch_bytes
+    print(f"state {state_bytes:,} bytes; per device {per_device:,} = {per_device * 8 / state_bytes:.3f} x total / 8")
+    assert per_device <= 1.1 * state_bytes / 8

@@ -105,6 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    c.mesh.max_replicated_fraction = 0.2  # with fsdp > 1: more parameter bytes replicated than this is an error
     c.sharding_rules = DEFAULT_SHARDING_RULES
 
     c.data = ml_collections.ConfigDict()

@@ -28,6 +28,7 @@ from vlm_jax.evaluate import (EvalData, Embedders, eval_batch_size, load_eval_da
 from vlm_jax.metrics import IntervalAverager, MetricsWriter, Progress
 from vlm_jax.parallel.distributed import DistributedOptions, initialize, options_from_env
 from vlm_jax.parallel.mesh import make_mesh
+from vlm_jax.parallel.param_table import log_parameter_table
 from vlm_jax.parallel.sharding import batch_sharding, data_parallel_size, to_global_batch
 from vlm_jax.tasks import get_task
 from vlm_jax.train_state import init_train_state, make_state_layout, param_count
@@ -87,6 +88,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     task = get_task(config, mesh)
     layout = make_state_layout(task, config, mesh)
     log(f"model: {param_count(layout):,} parameters; mesh {dict(mesh.shape)}")
+    log_parameter_table(layout.abstract_state["params"], layout.shardings["params"], mesh.shape["fsdp"],
+                        config.mesh.max_replicated_fraction, log)
     data_iterator = make_train_iterator(config)
     eval_data = load_eval_data(config)
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
