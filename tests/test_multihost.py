@@ -42,3 +42,34 @@ def test_unreachable_coordinator_is_a_one_line_error(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
     assert "cannot reach the coordinator 127.0.0.1:9 within 3 s" in errors[0]
+
+
+@pytest.mark.slow
+def test_train_cli_as_a_two_process_job_checkpoints_and_resumes(tmp_path):
+    """vlm_jax.train under launch/local.py: process 0 logs, both write checkpoint and data-iterator shards."""
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "-m", "data_pipelines.make_shards", "synthetic", "--out", str(data),
+                    "--train-samples", "256", "--eval-samples", "48", "--image-size", "16",
+                    "--samples-per-shard", "64"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "data_pipelines.tokenizer", "train", "--shards", f"{data}/train/*.tar",
+                    "--vocab-size", "200", "--out", str(data / "spm.model")], cwd=ROOT, check=True,
+                   capture_output=True)
+    from test_train_cli import TINY
+
+    def train(steps):
+        return subprocess.run(
+            [sys.executable, "-m", "launch.local", "--processes", "2", "--devices-per-process", "4",
+             "--timeout-s", "400", "--", sys.executable, "-m", "vlm_jax.train",
+             f"--config=configs/demo/clip_tiny.py:{data}", f"--workdir={tmp_path / 'run'}", *TINY,
+             "--config.mesh.fsdp=2", f"--config.total_steps={steps}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=450)
+    first = train(10)
+    assert first.returncode == 0, first.stdout[-3000:]
+    assert "[0] step 10/10" in first.stdout and "[1] step" not in first.stdout  # only process 0 logs
+    assert sorted(os.listdir(tmp_path / "run/checkpoints/10/data"))[-2:] == ["process_0-of-2.json",
+                                                                            "process_1-of-2.json"]
+    second = train(15)
+    assert second.returncode == 0 and "[0] resumed from" in second.stdout, second.stdout[-3000:]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+             if "loss" in line]
+    assert steps == [5, 10, 15]

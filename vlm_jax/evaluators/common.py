@@ -6,9 +6,8 @@ from typing import Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
-
-from vlm_jax.parallel.sharding import to_global_batch
 
 
 def apply_in_batches(fn: Callable[[jax.Array], jax.Array], array: np.ndarray, batch_size: int,
@@ -18,6 +17,7 @@ def apply_in_batches(fn: Callable[[jax.Array], jax.Array], array: np.ndarray, ba
     for start in range(0, len(array), batch_size):
         chunk = array[start:start + batch_size]
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
-        result = fn(to_global_batch({"x": padded}, sharding)["x"])
-        outputs.append(np.asarray(jax.device_get(result))[:len(chunk)])
+        # Every process holds the whole split: each device takes its rows from the host copy.
+        result = fn(jax.make_array_from_callback(padded.shape, sharding, lambda index: padded[index]))
+        outputs.append(np.asarray(multihost_utils.process_allgather(result, tiled=True))[:len(chunk)])
     return np.concatenate(outputs)
