@@ -171,3 +171,21 @@ def test_fsdp8_state_bytes_per_device_are_an_eighth():
     per_device = compiled.memory_analysis().argument_size_in_bytes - batch_bytes
     print(f"state {state_bytes:,} bytes; per device {per_device:,} = {per_device * 8 / state_bytes:.3f} x total / 8")
     assert per_device <= 1.1 * state_bytes / 8
+
+
+@pytest.mark.parametrize("loss, mesh", [("sigmoid", dict(data=2, fsdp=2, tensor=2)), ("softmax", dict(data=8)),
+                                        ("sigmoid", dict(data=1))])
+def test_microbatches_give_the_full_batch_loss_and_gradients(loss, mesh):
+    """2 micro-batches with cached embeddings: the same losses over 3 steps (so the same gradients) as the
+    whole batch at once."""
+    config = tiny_config(**mesh)
+    config.model.loss = loss
+    devices = jax.devices() if mesh != dict(data=1) else jax.devices()[:1]
+    whole = run_steps(config, devices)
+    layout, sharding, _ = setup(config, devices)
+    step_fn = make_train_step(get_task(config, sharding.mesh), layout, sharding, microbatches=2)
+    state, losses = init_train_state(layout, 0), []
+    for i in range(3):
+        state, metrics = step_fn(state, to_global_batch(make_batch(i), sharding))
+        losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses, whole, rtol=1e-5)

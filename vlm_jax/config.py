@@ -42,7 +42,7 @@ CHOICES = {
     "optim.decay": ("cosine", "rsqrt", "linear", "constant"),
 }
 REQUIRED = ("data.tokenizer",)
-POSITIVE = ("total_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
+POSITIVE = ("total_steps", "batch_size", "microbatches", "log_every", "checkpoint_every", "keep_checkpoints",
             "model.embed_dim", "model.text.max_len", "model.image.image_size", "data.cycle_length",
             "data.shuffle_buffer", "data.worker_buffer_size", "data.read_timeout_s", "data.eval_batch_size")
 
@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.total_steps = 1000
     c.batch_size = 256
+    # Gradient accumulation: the batch in this many pieces with embeddings cached, so the contrastive loss
+    # still sees every negative of the full batch (vlm_jax/microbatch.py). Must divide the per-device batch.
+    c.microbatches = 1
     c.log_every = 50
     c.checkpoint_every = 500
     c.keep_checkpoints = 3

@@ -101,7 +101,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         state = init_train_state(layout, config.seed)
     if jax.process_index() == 0:
         save_config(config, os.path.join(workdir, "config.json"))
-    train_step = make_train_step(task, layout, sharding)
+    if (config.batch_size // ways) % config.microbatches:
+        raise ConfigError(f"microbatches {config.microbatches} must divide the per-device batch "
+                          f"{config.batch_size // ways}")
+    train_step = make_train_step(task, layout, sharding, config.microbatches)
     writer = MetricsWriter(workdir, resumed_step=start)
     averager, progress = IntervalAverager(), Progress(config.total_steps, config.batch_size, start)
     eval_size, embedders = eval_batch_size(config, sharding), make_embedders(task, layout)

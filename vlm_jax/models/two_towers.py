@@ -48,8 +48,11 @@ class TwoTowers(nnx.Module):
         """L2-normalised float32 text embeddings [B, E]."""
         return l2_normalize(self.text_proj(self.text_encoder(tokens_BxL)))
 
+    def temperature(self) -> tuple[jax.Array, jax.Array | None]:
+        """(log logit scale, logit bias or None)."""
+        bias = self.logit_bias[...] if hasattr(self, "logit_bias") else None
+        return self.logit_scale[...], bias
+
     def __call__(self, image_BxHxWx3: jax.Array, tokens_BxL: jax.Array):
         """(image embeddings, text embeddings, log logit scale, logit bias or None)."""
-        bias = self.logit_bias[...] if hasattr(self, "logit_bias") else None
-        return (self.embed_image(image_BxHxWx3), self.embed_text(tokens_BxL),
-                self.logit_scale[...], bias)
+        return (self.embed_image(image_BxHxWx3), self.embed_text(tokens_BxL), *self.temperature())

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-
-from jax.sharding import NamedSharding
 
 from vlm_jax.config import ConfigError
+from vlm_jax.parallel.sharding import shard_factor
 from vlm_jax.pytree import leaves_with_path_str
 
 
@@ -22,13 +20,6 @@ class ParamRow:
     @property
     def replicated(self) -> bool:
         return self.total_bytes == self.device_bytes
-
-
-def shard_factor(sharding: NamedSharding) -> int:
-    """Into how many pieces the sharding splits an array."""
-    axes = [axis for entry in sharding.spec if entry is not None
-            for axis in ((entry,) if isinstance(entry, str) else entry)]
-    return math.prod(sharding.mesh.shape[axis] for axis in axes)
 
 
 def parameter_rows(abstract_params, param_shardings) -> list[ParamRow]:

@@ -50,6 +50,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def shard_factor(sharding: NamedSharding) -> int:
+    """Into how many pieces the sharding splits an array (the product of the mesh axes its spec uses)."""
+    axes = [axis for entry in sharding.spec if entry is not None
+            for axis in ((entry,) if isinstance(entry, str) else entry)]
+    return int(np.prod([sharding.mesh.shape[axis] for axis in axes]))
+
+
 def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
     """How many ways the batch dimension is split."""
     spec = logical_to_mesh_spec(("batch",), rules, mesh)[0]

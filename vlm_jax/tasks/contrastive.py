@@ -48,7 +48,21 @@ class ContrastiveTask:
 
     def loss(self, model: TwoTowers, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(scalar loss, metrics) for one batch."""
-        zimg_BxE, ztxt_BxE, log_scale, bias = model(batch["image"], batch["text"])
+        zimg_BxE, ztxt_BxE = self.embed_pair(model, batch)
+        return self.loss_from_embeddings(zimg_BxE, ztxt_BxE, *model.temperature())
+
+    @staticmethod
+    def embed_pair(model: TwoTowers, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """L2-normalised (image, text) embeddings of a batch: what micro-batching caches."""
+        return model.embed_image(batch["image"]), model.embed_text(batch["text"])
+
+    @staticmethod
+    def temperature(model: TwoTowers) -> tuple[jax.Array, jax.Array | None]:
+        return model.temperature()
+
+    def loss_from_embeddings(self, zimg_BxE: jax.Array, ztxt_BxE: jax.Array, log_scale: jax.Array,
+                             bias: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The batch loss given every pair's embeddings (all negatives in the batch count)."""
         if self.loss_axes:
             distributed = DISTRIBUTED_LOSSES[self.config.model.loss]
             loss = distributed(self.mesh, self.loss_axes, zimg_BxE, ztxt_BxE, log_scale, bias)
