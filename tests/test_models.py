@@ -79,9 +79,10 @@ def test_scan_over_layers_matches_python_loop(pool):
     np.testing.assert_allclose(scanned(x), loop(x), rtol=1e-5, atol=1e-5)
 
 
-def test_remat_changes_nothing_numerically():
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+def test_remat_policies_change_nothing_numerically(policy):
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    plain, remat = ViT(tiny_vit(), nnx.Rngs(0)), ViT(tiny_vit(remat=True, scan=False), nnx.Rngs(0))
+    plain, remat = ViT(tiny_vit(), nnx.Rngs(0)), ViT(tiny_vit(remat=policy, scan=False), nnx.Rngs(0))
 
     def loss(model):
         return jnp.sum(model(x) ** 2)

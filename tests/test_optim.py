@@ -1,5 +1,6 @@
 """Optimizer pieces: schedules, weight-decay masks, Adafactor."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -48,3 +49,14 @@ def test_weight_decay_touches_only_decayed_parameters(name):
     moved = {path: bool(np.any(u != 0)) for path, u in leaves_with_path_str(updates)}
     assert moved == {"tower/fc/kernel": True, "tower/fc/bias": False, "tower/ln/scale": False,
                      "tower/posemb": False, "embed/embedding": False, "logit_scale": False}
+
+
+def test_bfloat16_first_moment():
+    params = {"w": jnp.ones((4, 4)), "b": jnp.zeros(4)}
+    tx, _ = make_optimizer(optim_config(moments_dtype="bfloat16"), params, total_steps=10)
+    state = tx.init(params)
+    dtypes = {path: leaf.dtype for path, leaf in leaves_with_path_str(state) if leaf.ndim}
+    assert {d for p, d in dtypes.items() if "/mu/" in f"/{p}/"} == {jnp.dtype(jnp.bfloat16)}
+    assert {d for p, d in dtypes.items() if "/nu/" in f"/{p}/"} == {jnp.dtype(jnp.float32)}
+    updates, _ = tx.update(params, state, params)
+    assert all(u.dtype == jnp.float32 for u in jax.tree.leaves(updates))

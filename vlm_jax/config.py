@@ -37,6 +37,9 @@ CHOICES = {
     "task": ("contrastive",),
     "model.loss": ("sigmoid", "softmax"),
     "model.loss_impl": ("collective", "global"),
+    "model.image.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.text.remat": ("none", "full", "dots", "dots_no_batch"),
+    "optim.moments_dtype": ("float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
     "optim.name": ("adamw", "adafactor"),
     "optim.decay": ("cosine", "rsqrt", "linear", "constant"),
@@ -74,7 +77,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.embed_dim = 768
     c.model.dtype = "float32"
     c.model.scan = False
-    c.model.remat = False
     c.model.attention_impl = "xla"
     c.model.image = ml_collections.ConfigDict()
     c.model.image.variant = "B/16"
@@ -89,6 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
     for tower in (c.model.image, c.model.text):  # Optional overrides of the named size.
         for key in ("width", "depth", "mlp_dim", "num_heads"):
             tower[key] = placeholder(int)
+        # Rematerialisation per block: none, full (recompute everything), dots (keep matmul outputs),
+        # dots_no_batch (keep weight matmuls only, recompute attention scores).
+        tower.remat = "none"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"
@@ -98,6 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.end_lr_factor = 0.0
     c.optim.b1 = 0.9
     c.optim.b2 = 0.95
+    c.optim.moments_dtype = "float32"  # AdamW's first moment in bfloat16 halves its memory (second stays float32)
     c.optim.eps = 1e-8
     c.optim.weight_decay = 1e-4
     c.optim.grad_clip_norm = 1.0

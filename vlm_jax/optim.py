@@ -45,7 +45,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: Any,
     decay_mask = map_with_path_str(lambda _, no_decay: not no_decay, regex_mask(params, cfg.no_decay))
     if cfg.name == "adamw":
         base = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                           mask=decay_mask)
+                           mask=decay_mask, mu_dtype=jnp.dtype(cfg.moments_dtype))
     else:
         base = optax.adafactor(schedule, weight_decay_rate=cfg.weight_decay or None,
                                weight_decay_mask=decay_mask)

@@ -21,6 +21,13 @@ Dtype = Any
 LAYERS_AXIS = "layers"
 
 
+REMAT_POLICIES = {  # what a rematerialised block keeps for the backward pass
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderSpec:
     """Hyper-parameters of a pre-LN transformer encoder stack."""
@@ -31,7 +38,7 @@ class EncoderSpec:
     num_heads: int
     dtype: Dtype = jnp.float32
     scan: bool = False
-    remat: bool = False
+    remat: str = "none"  # a key of REMAT_POLICIES
     attention_impl: str = "xla"
 
     def __post_init__(self):
@@ -70,7 +77,7 @@ class TowerOptions:
     num_heads: int | None = None
     dtype: Dtype = jnp.float32
     scan: bool = False
-    remat: bool = False
+    remat: str = "none"
     attention_impl: str = "xla"
 
     def spec_for(self, size: str) -> EncoderSpec:
@@ -177,8 +184,8 @@ class Encoder(nnx.Module):
         def apply_block(block, x):
             return block(x, mask_BxNxN)
 
-        if self.spec.remat:
-            apply_block = nnx.remat(apply_block)
+        if self.spec.remat != "none":
+            apply_block = nnx.remat(apply_block, policy=REMAT_POLICIES[self.spec.remat])
         if self.spec.scan:
             @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
                       transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})

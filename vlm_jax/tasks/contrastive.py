@@ -37,13 +37,13 @@ class ContrastiveTask:
 
     def build_model(self, rngs: nnx.Rngs) -> TwoTowers:
         m = self.config.model
-        shared = dict(dtype=DTYPES[m.dtype], scan=m.scan, remat=m.remat, attention_impl=m.attention_impl)
+        shared = dict(dtype=DTYPES[m.dtype], scan=m.scan, attention_impl=m.attention_impl)
         image = ViTConfig(
-            variant=m.image.variant, image_size=m.image.image_size, pool=m.image.pool,
-            posemb=m.image.posemb, **{k: m.image[k] for k in SIZE_OVERRIDES}, **shared)
+            variant=m.image.variant, image_size=m.image.image_size, pool=m.image.pool, posemb=m.image.posemb,
+            remat=m.image.remat, **{k: m.image[k] for k in SIZE_OVERRIDES}, **shared)
         text = TextConfig(
             size=m.text.size, vocab_size=m.text.vocab_size, max_len=m.text.max_len, pool=m.text.pool,
-            **{k: m.text[k] for k in SIZE_OVERRIDES}, **shared)
+            remat=m.text.remat, **{k: m.text[k] for k in SIZE_OVERRIDES}, **shared)
         return TwoTowers(image, text, m.embed_dim, m.loss, rngs)
 
     def loss(self, model: TwoTowers, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
