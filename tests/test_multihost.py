@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, tensor=2), dict(data=8)])
+@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, tensor=2), dict(data=8),
+                                  dict(data=2, fsdp=2, dcn_data=2)])  # one process per "slice"
 def test_two_processes_match_one_and_eight_devices(mesh):
     single = run_steps(tiny_config(), jax.devices()[:1], steps=5)
     eight = run_steps(tiny_config(**mesh), jax.devices(), steps=5)

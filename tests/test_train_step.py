@@ -189,3 +189,18 @@ def test_microbatches_give_the_full_batch_loss_and_gradients(loss, mesh):
         state, metrics = step_fn(state, to_global_batch(make_batch(i), sharding))
         losses.append(float(metrics["loss"]))
     np.testing.assert_allclose(losses, whole, rtol=1e-5)
+
+
+def test_multislice_mesh_keeps_ici_axes_inside_a_slice():
+    """dcn_data=2 x data=2 x fsdp=2 on 8 devices: the data axis crosses the two (simulated) slices only at
+    its dcn part, and training matches one device."""
+    config = tiny_config(data=2, fsdp=2, dcn_data=2)
+    mesh = make_mesh(config.mesh)
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "sequence": 1, "tensor": 1}
+    ids = np.vectorize(lambda d: d.id)(mesh.devices).reshape(4, 2)
+    slice_of = ids // 4  # devices 0-3 form slice 0, 4-7 slice 1
+    assert (slice_of[:2] == 0).all() and (slice_of[2:] == 1).all()
+    np.testing.assert_allclose(run_steps(config, jax.devices()), run_steps(tiny_config(), jax.devices()[:1]),
+                               rtol=1e-5)
+    with pytest.raises(ConfigError, match="multiply to 8, but there are 8 devices in 2 slices"):
+        make_mesh(tiny_config(data=8, dcn_data=2).mesh)

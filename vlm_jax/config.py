@@ -31,6 +31,7 @@ DEFAULT_SHARDING_RULES = (
     ("vocab", "tensor"),
     ("proj", "tensor"),
     ("layers", None),
+    ("length", "sequence"),
 )
 
 CHOICES = {
@@ -113,7 +114,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
     c.mesh.fsdp = 1
+    c.mesh.sequence = 1  # splits long sequences (the `length` logical axis)
     c.mesh.tensor = 1
+    for axis in ("data", "fsdp", "sequence", "tensor"):  # across slices (multi-slice TPU / several GPU nodes)
+        c.mesh[f"dcn_{axis}"] = 1
     c.mesh.max_replicated_fraction = 0.2  # with fsdp > 1: more parameter bytes replicated than this is an error
     c.sharding_rules = DEFAULT_SHARDING_RULES
 
