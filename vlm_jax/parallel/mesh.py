@@ -59,7 +59,7 @@ def _simulated_hybrid(ici: tuple[int, ...], dcn: tuple[int, ...], devices: list)
 
 
 def hybrid_device_array(ici: tuple[int, ...], dcn: tuple[int, ...], devices: list) -> np.ndarray:
-    if hasattr(devices[0], "slice_index"):
+    if len({getattr(device, "slice_index", 0) for device in devices}) > 1:
         return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
     if jax.process_count() == math.prod(dcn):
         return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=True)
