@@ -4,6 +4,7 @@
         [--peer=open_clip --peer-python=.venv-peer/bin/python]
     python -m vlm_jax.bench data --config=configs/bench/data_256.py [--batches=60 --warmup=10]
         [--peer=open_clip --peer-python=.venv-peer/bin/python]
+    python -m vlm_jax.bench compile --config=configs/bench/siglip_s16.py --topology=v5p-256 [--config.key=value]
 
 With --peer, the peer (its train step, or its webdataset loader on the same shards) is timed right after ours
 in the same run (in its own Python environment, see `make peer-env`) and the ratio is reported.
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlm_jax.bench_compile import bench_compile
 from vlm_jax.bench_data import bench_data
 from vlm_jax.config import ConfigError, load_config
 from vlm_jax.flops import two_towers_train_flops_per_sample
@@ -119,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--warmup", type=int, default=10)
     data.add_argument("--peer", choices=["open_clip"])
     data.add_argument("--peer-python", default=".venv-peer/bin/python")
+    compile_ = commands.add_parser("compile", help="per-device memory of the train step on a TPU topology")
+    compile_.add_argument("--config", required=True)
+    compile_.add_argument("--topology", required=True, help="e.g. v5p-256, v4-64, v5e-16, v6e-256")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     overrides = [item[len("--config."):] for item in rest if item.startswith("--config.")]
     if len(overrides) != len(rest):
@@ -128,6 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.command == "compile":
+        try:
+            report = bench_compile(args.config, overrides, args.topology)
+        except (ConfigError, ValueError, RuntimeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps({"config": args.config, **report}), flush=True)
+        return 0
     if args.command == "data":
         peer_python = args.peer_python if args.peer else None
         print(json.dumps({"config": args.config, **bench_data(config, args.batches, args.warmup, peer_python)}),
