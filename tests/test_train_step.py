@@ -204,3 +204,14 @@ def test_multislice_mesh_keeps_ici_axes_inside_a_slice():
                                rtol=1e-5)
     with pytest.raises(ConfigError, match="multiply to 8, but there are 8 devices in 2 slices"):
         make_mesh(tiny_config(data=8, dcn_data=2).mesh)
+
+
+def test_activations_carry_logical_sharding_constraints_and_sequence_sharding_matches():
+    config = tiny_config(data=2, sequence=2, tensor=2)
+    layout, sharding, step_fn = setup(config, jax.devices())
+    batch = to_global_batch(make_batch(0), sharding)
+    text = step_fn.lower(init_train_state(layout, 0), batch).as_text()
+    # residual stream after each block: batch over data, length over sequence; MLP hidden units over tensor
+    assert '[{"data"}, {"sequence"}, {}]' in text and '[{"data"}, {"sequence"}, {"tensor"}]' in text
+    np.testing.assert_allclose(run_steps(config, jax.devices()), run_steps(tiny_config(), jax.devices()[:1]),
+                               rtol=1e-5)

@@ -32,6 +32,11 @@ DEFAULT_SHARDING_RULES = (
     ("proj", "tensor"),
     ("layers", None),
     ("length", "sequence"),
+    # activations (the residual stream and MLP hidden units inside the towers)
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", "sequence"),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
 )
 
 CHOICES = {

@@ -9,7 +9,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from vlm_jax.microbatch import cached_embedding_grads
-from vlm_jax.parallel.sharding import shard_factor
+from vlm_jax.parallel.sharding import activation_sharding, shard_factor
 from vlm_jax.train_state import StateLayout, TrainState
 
 
@@ -23,6 +23,10 @@ def make_train_step(task, layout: StateLayout, batch_sharding: NamedSharding, mi
     data_ways = shard_factor(batch_sharding)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        with activation_sharding(batch_sharding.mesh, task.config.sharding_rules):
+            return step_body(state, batch)
+
+    def step_body(state: TrainState, batch: dict[str, jax.Array]):
         def loss_of(params):
             return task.loss(layout.merge(params), batch)
 

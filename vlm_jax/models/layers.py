@@ -16,9 +16,11 @@ import numpy as np
 from flax import nnx
 
 from vlm_jax.kernels.attention import dot_product_attention
+from vlm_jax.parallel.sharding import constrain
 
 Dtype = Any
 LAYERS_AXIS = "layers"
+RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
 REMAT_POLICIES = {  # what a rematerialised block keeps for the backward pass
@@ -117,7 +119,8 @@ class MlpBlock(nnx.Module):
         self.fc2 = dense(mlp_dim, width, ("mlp", "embed"), dtype, rngs)
 
     def __call__(self, x_BxNxD: jax.Array) -> jax.Array:
-        return self.fc2(nnx.gelu(self.fc1(x_BxNxD), approximate=True))
+        hidden_BxNxF = constrain(self.fc1(x_BxNxD), ("activation_batch", "activation_length", "activation_mlp"))
+        return self.fc2(nnx.gelu(hidden_BxNxF, approximate=True))
 
 
 class MultiHeadAttention(nnx.Module):
@@ -182,7 +185,7 @@ class Encoder(nnx.Module):
 
     def __call__(self, x_BxNxD: jax.Array, mask_BxNxN: jax.Array | None = None) -> jax.Array:
         def apply_block(block, x):
-            return block(x, mask_BxNxN)
+            return constrain(block(x, mask_BxNxN), RESIDUAL_AXES)
 
         if self.spec.remat != "none":
             apply_block = nnx.remat(apply_block, policy=REMAT_POLICIES[self.spec.remat])

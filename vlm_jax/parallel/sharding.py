@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -70,3 +71,25 @@ def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
 def to_global_batch(host_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """This process's part of a batch -> global jax.Arrays laid out by `sharding`."""
     return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in host_batch.items()}
+
+
+_active: list[tuple[Mesh, Rules]] = []  # the (mesh, rules) that activation constraints resolve against
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """While tracing inside this context, `constrain` pins activations to the mesh by their logical names."""
+    _active.append((mesh, rules))
+    try:
+        yield
+    finally:
+        _active.pop()
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint from logical axis names (e.g. activation_batch, activation_length,
+    activation_embed); a no-op outside `activation_sharding` (plain model calls, tests, evaluation)."""
+    if not _active:
+        return x
+    mesh, rules = _active[-1]
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_mesh_spec(logical, rules, mesh)))
