@@ -121,3 +121,13 @@ def test_workdir_with_a_different_model(data_dir, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     result = run(*train_args(data_dir, tmp_path, "--config.total_steps=10", "--config.model.embed_dim=24"))
     assert_one_line_error(result, "holds a checkpoint of a different model")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.mesh.data=3", "mesh sizes {'data': 3, 'fsdp': 1, 'sequence': 1, 'tensor': 1} multiply to 3, "
+                             "but there are 8 devices"),
+    ("--config.batch_size=30", "batch_size 30 is not divisible by the data-parallel size 8"),
+    ("--config.sharding_rules=(('batch', 'data'), ('embed', 'fsdp'))", "unknown logical axis"),
+])
+def test_bad_parallel_settings(data_dir, tmp_path, override, message):
+    assert_one_line_error(run(*train_args(data_dir, tmp_path, override)), message)
