@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
+
 import ml_collections
 from jax.sharding import Mesh
 
-from vlm_jax.tasks.contrastive import ContrastiveTask
-
-TASKS = {"contrastive": ContrastiveTask}
+# name -> "module:class", imported on use: the loss modules here are also imported by vlm_jax.parallel, which
+# the task classes import in turn.
+TASKS = {"contrastive": "vlm_jax.tasks.contrastive:ContrastiveTask"}
 
 
 def get_task(config: ml_collections.ConfigDict, mesh: Mesh | None = None):
     """The task object named by `config.task`; with a mesh, losses may use collectives over it."""
-    return TASKS[config.task](config, mesh)
+    module, _, name = TASKS[config.task].partition(":")
+    return getattr(importlib.import_module(module), name)(config, mesh)
