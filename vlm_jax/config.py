@@ -43,6 +43,7 @@ CHOICES = {
     "task": ("contrastive",),
     "model.loss": ("sigmoid", "softmax"),
     "model.loss_impl": ("collective", "global"),
+    "model.attention_impl": ("xla", "blockwise"),
     "model.image.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.text.remat": ("none", "full", "dots", "dots_no_batch"),
     "optim.moments_dtype": ("float32", "bfloat16"),

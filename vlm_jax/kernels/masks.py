@@ -1,0 +1,40 @@
+"""Attention masks described by structure instead of a dense T x S array, so kernels can evaluate any block.
+
+Kinds: full (bidirectional), causal, prefix-LM with a per-example prefix length (prefix tokens see each
+other, the rest is causal: PaliGemma / SimVLM), and segment ids for key padding or packed sequences (a query
+sees keys of its own segment; segment id 0 marks padding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    causal: bool = False
+    prefix_len_B: jax.Array | None = None     # prefix-LM: positions < prefix_len see each other (implies causal)
+    q_segment_ids_BxT: jax.Array | None = None
+    kv_segment_ids_BxS: jax.Array | None = None
+
+    def visible(self, q_positions_T: jax.Array, k_positions_N: jax.Array) -> jax.Array:
+        """bool [B or 1, T, N]: which keys each query may attend to (positions index the full sequence)."""
+        q, k = q_positions_T[:, None], k_positions_N[None, :]
+        visible = jnp.ones((1, q.shape[0], k.shape[1]), bool)
+        if self.causal or self.prefix_len_B is not None:
+            visible = visible & (k <= q)[None]
+        if self.prefix_len_B is not None:
+            in_prefix = (k[None] < self.prefix_len_B[:, None, None]) & (q[None] < self.prefix_len_B[:, None, None])
+            visible = visible | in_prefix
+        if self.q_segment_ids_BxT is not None:
+            kv_ids = jnp.take(self.kv_segment_ids_BxS, jnp.minimum(k_positions_N, self.kv_segment_ids_BxS.shape[1] - 1),
+                              axis=1)
+            same = self.q_segment_ids_BxT[:, :, None] == kv_ids[:, None, :]
+            visible = visible & same & (kv_ids[:, None, :] > 0)
+        return visible
+
+    def dense(self, length_q: int, length_k: int) -> jax.Array:
+        return self.visible(jnp.arange(length_q), jnp.arange(length_k))
