@@ -77,3 +77,9 @@ def test_dispatcher_errors_and_training_with_blockwise_attention():
     config.model.attention_impl = "blockwise"
     np.testing.assert_allclose(run_steps(config, jax.devices()[:1]), run_steps(tiny_config(), jax.devices()[:1]),
                                rtol=1e-5)
+
+
+def test_bench_attention_row():
+    from vlm_jax.bench_attention import measure
+    row = measure("blockwise", 64, causal=True, repeats=1)
+    assert row["impl"] == "blockwise" and row["fwd_bwd_ms"] > 0 and row["forward_temp_mib"] > 0

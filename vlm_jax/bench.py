@@ -5,6 +5,7 @@
     python -m vlm_jax.bench data --config=configs/bench/data_256.py [--batches=60 --warmup=10]
         [--peer=open_clip --peer-python=.venv-peer/bin/python]
     python -m vlm_jax.bench compile --config=configs/bench/siglip_s16.py --topology=v5p-256 [--config.key=value]
+    python -m vlm_jax.bench attention [--lengths=1024,4096,16384] [--causal]
 
 With --peer, the peer (its train step, or its webdataset loader on the same shards) is timed right after ours
 in the same run (in its own Python environment, see `make peer-env`) and the ratio is reported.
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlm_jax.bench_attention import bench_attention
 from vlm_jax.bench_compile import bench_compile
 from vlm_jax.bench_data import bench_data
 from vlm_jax.config import ConfigError, load_config
@@ -124,7 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     compile_ = commands.add_parser("compile", help="per-device memory of the train step on a TPU topology")
     compile_.add_argument("--config", required=True)
     compile_.add_argument("--topology", required=True, help="e.g. v5p-256, v4-64, v5e-16, v6e-256")
+    attention = commands.add_parser("attention", help="attention time and memory per implementation")
+    attention.add_argument("--lengths", default="1024,4096,16384")
+    attention.add_argument("--causal", action="store_true")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "attention":
+        lengths = [int(n) for n in args.lengths.split(",")]
+        print(json.dumps(bench_attention(lengths, args.causal)), flush=True)
+        return 0
     overrides = [item[len("--config."):] for item in rest if item.startswith("--config.")]
     if len(overrides) != len(rest):
         parser.error(f"unrecognised arguments {rest}")

@@ -1,0 +1,51 @@
+"""The attention benchmark (`python -m vlm_jax.bench attention`): forward + backward time and compiled
+temporary memory of each implementation available on this backend, at several sequence lengths."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.kernels.attention import dot_product_attention
+from vlm_jax.kernels.masks import MaskSpec
+
+HEADS, HEAD_DIM = 8, 64
+RUN_BUDGET_BYTES = 8 * 2**30
+
+
+def available_implementations() -> tuple[str, ...]:
+    """Pallas kernels are timed only on accelerators (interpret mode on CPU says nothing about speed)."""
+    return ("xla", "blockwise")
+
+
+def measure(impl: str, length: int, causal: bool, repeats: int = 3) -> dict:
+    shape = (1, length, HEADS, HEAD_DIM)
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, shape, jnp.float32) for key in keys)
+    mask = MaskSpec(causal=causal)
+
+    def loss(q, k, v):
+        return jnp.sum(dot_product_attention(q, k, v, mask=mask, impl=impl) ** 2)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    forward = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, mask=mask, impl=impl))
+    temp = {name: fn.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+            for name, fn in (("forward", forward), ("forward_backward", grad))}
+    milliseconds = None  # not run when the temporaries would not fit this host's memory budget
+    if temp["forward_backward"] <= RUN_BUDGET_BYTES:
+        jax.block_until_ready(grad(q, k, v))
+        start = time.perf_counter()
+        for _ in range(repeats):
+            jax.block_until_ready(grad(q, k, v))
+        milliseconds = round((time.perf_counter() - start) / repeats * 1e3, 1)
+    return {"impl": impl, "length": length, "causal": causal, "fwd_bwd_ms": milliseconds,
+            "forward_temp_mib": round(temp["forward"] / 2**20, 1),
+            "fwd_bwd_temp_mib": round(temp["forward_backward"] / 2**20, 1)}
+
+
+def bench_attention(lengths: list[int], causal: bool) -> dict:
+    rows = [measure(impl, length, causal) for length in lengths for impl in available_implementations()]
+    return {"bench": "attention", "backend": jax.default_backend(), "heads": HEADS, "head_dim": HEAD_DIM,
+            "batch": 1, "rows": rows}
