@@ -96,7 +96,7 @@ def _image_size(data: bytes) -> tuple[int, int]:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
             return width, height
         except ValueError:
-            pass
+            pass  # a header simplejpeg cannot parse: Pillow reads it, or names the fault
     try:
         return Image.open(io.BytesIO(data)).size
     except Exception as e:  # PIL raises several types for bytes that are not an image
