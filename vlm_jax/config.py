@@ -43,7 +43,7 @@ CHOICES = {
     "task": ("contrastive",),
     "model.loss": ("sigmoid", "softmax"),
     "model.loss_impl": ("collective", "global"),
-    "model.attention_impl": ("xla", "blockwise"),
+    "model.attention_impl": ("auto", "xla", "blockwise", "pallas", "splash", "cudnn"),
     "model.image.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.text.remat": ("none", "full", "dots", "dots_no_batch"),
     "optim.moments_dtype": ("float32", "bfloat16"),
@@ -84,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.embed_dim = 768
     c.model.dtype = "float32"
     c.model.scan = False
-    c.model.attention_impl = "xla"
+    c.model.attention_impl = "auto"
     c.model.image = ml_collections.ConfigDict()
     c.model.image.variant = "B/16"
     c.model.image.image_size = 224

@@ -23,6 +23,7 @@ from data_pipelines.samples import DataError
 from data_pipelines.tokenizer import Tokenizer
 from vlm_jax import checkpoint
 from vlm_jax.config import ConfigError, load_config, save_config
+from vlm_jax.kernels.attention import check_backend
 from vlm_jax.evaluate import (EvalData, Embedders, eval_batch_size, load_eval_data, make_embedders,
                               run_evaluators)
 from vlm_jax.metrics import IntervalAverager, MetricsWriter, Progress
@@ -85,6 +86,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if config.batch_size % ways:
         raise ConfigError(f"batch_size {config.batch_size} is not divisible by the data-parallel size {ways}")
     check_tokenizer_fits(config)
+    check_backend(config.model.attention_impl)
     task = get_task(config, mesh)
     layout = make_state_layout(task, config, mesh)
     log(f"model: {param_count(layout):,} parameters; mesh {dict(mesh.shape)}")

@@ -1,8 +1,11 @@
 """Attention dispatch: every attention layer of every model calls `dot_product_attention`.
 
-Implementations: "xla" (einsum + softmax, T x S logits) and "blockwise" (scan over key blocks with an online
-softmax, linear memory; kernels/blockwise.py). Masks are structured (`MaskSpec`: causal, prefix-LM, segment
-ids) so every implementation can evaluate them per block; "xla" also takes a dense boolean mask.
+Implementations: "xla" (einsum + softmax, T x S logits), "blockwise" (scan over key blocks with an online
+softmax, linear memory; blockwise.py), "pallas" (our fused kernel; flash_attention.py: Mosaic on TPU, Triton
+on GPU, interpret mode on CPU), "splash" (jax's TPU kernel; splash.py), "cudnn" (`jax.nn.dot_product_attention`
+with cuDNN) and "auto", which picks one from the backend, the lengths, the dtype and the mask when the layer is
+traced. Masks are structured (`MaskSpec`: causal, prefix-LM, segment ids) so every implementation can evaluate
+them per block; "xla" also takes a dense boolean mask.
 
 Shape key: B batch, T query length, S key length, H query heads, K key/value heads (H = K x G), D head dim.
 """
@@ -13,9 +16,54 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.kernels.blockwise import blockwise_attention
+from vlm_jax.kernels.flash_attention import flash_attention, resident_bytes
+from vlm_jax.kernels.flash_masks import check_prefix
 from vlm_jax.kernels.masks import MaskSpec
+from vlm_jax.kernels.splash import splash_attention
 
-IMPLEMENTATIONS = ("xla", "blockwise")
+IMPLEMENTATIONS = ("auto", "xla", "blockwise", "pallas", "splash", "cudnn")
+BACKENDS = {"splash": ("tpu",), "cudnn": ("gpu",)}
+SHORT_SEQUENCE = 1024            # "auto": up to this many keys the plain XLA path is as good as any kernel
+TPU_RESIDENT_BUDGET = 24 * 2**20  # "auto"/"pallas" on TPU: VMEM one head's keys and values may take
+_PALLAS_PLATFORM = {"tpu": "tpu", "gpu": "gpu", "cpu": "interpret"}
+
+
+def check_backend(impl: str, backend: str | None = None) -> None:
+    """One-line error for an implementation this backend cannot run."""
+    backend = backend or jax.default_backend()
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention_impl {impl!r}; choose from {IMPLEMENTATIONS}")
+    if impl in BACKENDS and backend not in BACKENDS[impl]:
+        raise ValueError(f"attention_impl {impl!r} needs a {' or '.join(BACKENDS[impl])} backend; this one is "
+                         f"{backend}")
+
+
+def _cudnn_refusal(q: jax.Array, mask: MaskSpec | None) -> str | None:
+    """Why cuDNN cannot take this call, or None."""
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"cuDNN attention takes bfloat16 or float16, not {q.dtype}"
+    if mask is not None and (mask.prefix_len_B is not None or mask.q_segment_ids_BxT is not None):
+        return "cuDNN attention here takes full or causal masks only (no prefix-LM or segment ids)"
+    return None
+
+
+def choose(impl: str, q: jax.Array, k: jax.Array, mask: MaskSpec | None, dense_mask: bool,
+           backend: str | None = None) -> str:
+    """The implementation a layer runs: `impl` itself, or what "auto" picks for these shapes."""
+    backend = backend or jax.default_backend()
+    check_backend(impl, backend)
+    if impl != "auto":
+        return impl
+    length_k, dim = k.shape[1], k.shape[-1]
+    if dense_mask or length_k <= SHORT_SEQUENCE:
+        return "xla"
+    if backend == "tpu":
+        if resident_bytes(length_k, dim, k.dtype.itemsize) <= TPU_RESIDENT_BUDGET:
+            return "pallas"
+        return "splash" if mask is None or mask.prefix_len_B is None else "blockwise"
+    if backend == "gpu":
+        return "pallas" if _cudnn_refusal(q, mask) else "cudnn"
+    return "blockwise"
 
 
 def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec | None) -> None:
@@ -40,13 +88,36 @@ def dot_product_attention(
     impl: str = "xla",
 ) -> jax.Array:
     """Softmax attention with float32 logits; returns [B, T, H, D] in the dtype of `q`."""
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention_impl {impl!r}; choose from {IMPLEMENTATIONS}")
     _check_shapes(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask)
+    if mask is not None:
+        check_prefix(mask, k_BxSxKxD.shape[1])
+    impl = choose(impl, q_BxTxHxD, k_BxSxKxD, mask, mask_BxTxS is not None)
+    if impl == "xla":
+        return _xla_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, mask)
+    if mask_BxTxS is not None:
+        raise ValueError(f"attention_impl {impl!r} takes a structured MaskSpec, not a dense mask")
+    mask = mask or MaskSpec()
     if impl == "blockwise":
-        if mask_BxTxS is not None:
-            raise ValueError("blockwise attention takes a structured MaskSpec, not a dense mask")
-        return blockwise_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask or MaskSpec())
+        return blockwise_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask)
+    if impl == "pallas":
+        platform = _PALLAS_PLATFORM[jax.default_backend()]
+        needed = resident_bytes(k_BxSxKxD.shape[1], k_BxSxKxD.shape[-1], k_BxSxKxD.dtype.itemsize)
+        if platform == "tpu" and needed > TPU_RESIDENT_BUDGET:
+            raise ValueError(f"attention_impl 'pallas' keeps one head's keys and values in VMEM ({needed / 2**20:.0f} "
+                             f"MiB at {k_BxSxKxD.shape[1]} keys, budget {TPU_RESIDENT_BUDGET / 2**20:.0f} MiB); "
+                             "use 'splash' or 'blockwise' for this length")
+        return flash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask, platform=platform)
+    if impl == "splash":
+        return splash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask)
+    refusal = _cudnn_refusal(q_BxTxHxD, mask)
+    if refusal:
+        raise ValueError(refusal)
+    return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, is_causal=mask.causal,
+                                        implementation="cudnn")
+
+
+def _xla_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, mask):
+    """Plain attention: kv heads repeated, T x S float32 logits, softmax."""
     groups = q_BxTxHxD.shape[2] // k_BxSxKxD.shape[2]
     k_BxSxHxD = jnp.repeat(k_BxSxKxD, groups, axis=2)
     v_BxSxHxD = jnp.repeat(v_BxSxKxD, groups, axis=2)
@@ -58,5 +129,8 @@ def dot_product_attention(
         "bthd,bshd->bhts", q_BxTxHxD, k_BxSxHxD, preferred_element_type=jnp.float32) * scale
     if mask_BxTxS is not None:
         logits_BxHxTxS = jnp.where(mask_BxTxS[:, None], logits_BxHxTxS, jnp.finfo(jnp.float32).min)
-    probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(v_BxSxHxD.dtype)
+    probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1)
+    if mask_BxTxS is not None:  # rows with no visible key give zeros, as in every other implementation
+        probs_BxHxTxS = probs_BxHxTxS * mask_BxTxS.any(-1)[:, None, :, None]
+    probs_BxHxTxS = probs_BxHxTxS.astype(v_BxSxHxD.dtype)
     return jnp.einsum("bhts,bshd->bthd", probs_BxHxTxS, v_BxSxHxD)

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from vlm_jax.kernels.attention import dot_product_attention
+from vlm_jax.kernels.masks import MaskSpec
 from vlm_jax.parallel.sharding import constrain
 
 Dtype = Any
@@ -41,7 +42,7 @@ class EncoderSpec:
     dtype: Dtype = jnp.float32
     scan: bool = False
     remat: str = "none"  # a key of REMAT_POLICIES
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         if self.width % self.num_heads:
@@ -80,7 +81,7 @@ class TowerOptions:
     dtype: Dtype = jnp.float32
     scan: bool = False
     remat: str = "none"
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
 
     def spec_for(self, size: str) -> EncoderSpec:
         """The encoder of the named `size` with this config's overrides applied."""
@@ -127,7 +128,7 @@ class MultiHeadAttention(nnx.Module):
     """Multi-head attention with per-head projection kernels: q/k/v [D, H, K], out [H, K, D]."""
 
     def __init__(self, width: int, num_heads: int, dtype: Dtype, rngs: nnx.Rngs,
-                 attention_impl: str = "xla"):
+                 attention_impl: str = "auto"):
         head_dim = width // num_heads
         self.attention_impl = attention_impl
 
@@ -145,11 +146,11 @@ class MultiHeadAttention(nnx.Module):
         self.out = projection((num_heads, head_dim), width, ("heads", "kv"), ("embed",), (-2, -1))
 
     def __call__(self, x_BxTxD: jax.Array, kv_BxSxD: jax.Array | None = None,
-                 mask_BxTxS: jax.Array | None = None) -> jax.Array:
+                 mask: MaskSpec | None = None) -> jax.Array:
         """Self-attention, or cross-attention from `x` to `kv` when given."""
         kv_BxSxD = x_BxTxD if kv_BxSxD is None else kv_BxSxD
         q, k, v = self.query(x_BxTxD), self.key(kv_BxSxD), self.value(kv_BxSxD)
-        y_BxTxHxK = dot_product_attention(q, k, v, mask_BxTxS=mask_BxTxS, impl=self.attention_impl)
+        y_BxTxHxK = dot_product_attention(q, k, v, mask=mask, impl=self.attention_impl)
         return self.out(y_BxTxHxK)
 
 
@@ -162,8 +163,8 @@ class EncoderBlock(nnx.Module):
         self.ln2 = layer_norm(spec.width, spec.dtype, rngs)
         self.mlp = MlpBlock(spec.width, spec.mlp_dim, spec.dtype, rngs)
 
-    def __call__(self, x_BxNxD: jax.Array, mask_BxNxN: jax.Array | None = None) -> jax.Array:
-        x_BxNxD = x_BxNxD + self.attn(self.ln1(x_BxNxD), mask_BxTxS=mask_BxNxN)
+    def __call__(self, x_BxNxD: jax.Array, mask: MaskSpec | None = None) -> jax.Array:
+        x_BxNxD = x_BxNxD + self.attn(self.ln1(x_BxNxD), mask=mask)
         return x_BxNxD + self.mlp(self.ln2(x_BxNxD))
 
 
@@ -183,9 +184,9 @@ class Encoder(nnx.Module):
             self.blocks = nnx.List([EncoderBlock(spec, rngs) for _ in range(spec.depth)])
         self.ln_final = layer_norm(spec.width, spec.dtype, rngs)
 
-    def __call__(self, x_BxNxD: jax.Array, mask_BxNxN: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x_BxNxD: jax.Array, mask: MaskSpec | None = None) -> jax.Array:
         def apply_block(block, x):
-            return constrain(block(x, mask_BxNxN), RESIDUAL_AXES)
+            return constrain(block(x, mask), RESIDUAL_AXES)
 
         if self.spec.remat != "none":
             apply_block = nnx.remat(apply_block, policy=REMAT_POLICIES[self.spec.remat])
