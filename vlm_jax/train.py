@@ -23,9 +23,9 @@ from data_pipelines.samples import DataError
 from data_pipelines.tokenizer import Tokenizer
 from vlm_jax import checkpoint
 from vlm_jax.config import ConfigError, load_config, save_config
-from vlm_jax.kernels.attention import check_backend
 from vlm_jax.evaluate import (EvalData, Embedders, eval_batch_size, load_eval_data, make_embedders,
                               run_evaluators)
+from vlm_jax.kernels.attention import check_backend
 from vlm_jax.metrics import IntervalAverager, MetricsWriter, Progress
 from vlm_jax.parallel.distributed import DistributedOptions, initialize, options_from_env
 from vlm_jax.parallel.mesh import make_mesh

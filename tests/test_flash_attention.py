@@ -1,0 +1,130 @@
+"""The Pallas flash-attention kernel (interpret mode on CPU) against the plain reference: every mask kind,
+lengths that are not block multiples, grouped-query heads, float32 and bfloat16, values and dq/dk/dv; block
+skipping; the TPU-interpreted and splash variants; lowering for TPU (Mosaic) and GPU (Triton)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from vlm_jax.kernels.flash_attention import flash_attention
+from vlm_jax.kernels.flash_masks import build_block_mask
+from vlm_jax.kernels.masks import MaskSpec
+from vlm_jax.kernels.splash import splash_attention
+
+from attention_cases import KINDS, LENGTHS, masks, random_inputs, reference, values_and_grads
+
+F32_TOLERANCE, BF16_RELATIVE = 1e-5, 2e-2
+
+
+def compare(attention, mask, q, k, v, cotangent, dtype):
+    """Values and dq/dk/dv of `attention` against the float32 reference on the same (rounded) inputs."""
+    visible = jnp.broadcast_to(mask.dense(q.shape[1], k.shape[1]), (q.shape[0], q.shape[1], k.shape[1]))
+    got = values_and_grads(attention, q, k, v, cotangent)
+    want = values_and_grads(lambda q, k, v: reference(q, k, v, visible), q, k, v, cotangent)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        if dtype == jnp.float32:
+            np.testing.assert_allclose(a, b, atol=F32_TOLERANCE, rtol=F32_TOLERANCE, err_msg=name)
+        else:
+            # relative to the largest reference entry; a zero gradient (dq at length 1) is held to 2e-5 absolute
+            relative = float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-3))
+            assert relative <= BF16_RELATIVE, f"{name}: relative error {relative:.4f}"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_pallas_matches_reference(kind, length, dtype):
+    q, k, v, cotangent = random_inputs(length, 2, length, length, heads=4, kv_heads=2, dim=16, dtype=dtype)
+    mask = masks(2, length)[kind]
+    compare(lambda q, k, v: flash_attention(q, k, v, mask), mask, q, k, v, cotangent, dtype)
+
+
+@pytest.mark.parametrize("length_q,length_k,kv_heads,kind", [
+    (1, 197, 4, "full"),        # attention-pooling probe: one query over the image tokens
+    (64, 300, 1, "causal"),     # multi-query, shorter queries than keys
+    (197, 197, 4, "segments"),  # multi-head (no grouping)
+])
+def test_pallas_cross_attention_and_head_groupings(length_q, length_k, kv_heads, kind):
+    q, k, v, cotangent = random_inputs(7, 2, length_q, length_k, heads=4, kv_heads=kv_heads, dim=32)
+    mask = masks(2, length_k)[kind]
+    if kind == "segments":
+        mask = MaskSpec(q_segment_ids_BxT=mask.q_segment_ids_BxT[:, :length_q],
+                        kv_segment_ids_BxS=mask.kv_segment_ids_BxS)
+    compare(lambda q, k, v: flash_attention(q, k, v, mask), mask, q, k, v, cotangent, jnp.float32)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_block_ranges_are_exactly_the_non_empty_blocks(kind):
+    """The loop ranges visit every block holding a visible key and no other (contiguous masks)."""
+    batch, length, block = 2, 1025, 128
+    mask, padded = masks(batch, length)[kind], 1152
+    blocks = build_block_mask(mask, batch, length, length, padded, padded, block, block)
+    visible = jnp.pad(jnp.broadcast_to(mask.dense(length, length), (batch, length, length)),
+                      ((0, 0), (0, padded - length), (0, padded - length)))
+    non_empty = visible.reshape(batch, 9, block, 9, block).any((2, 4))
+    lo, hi = blocks.kv_range_lo.reshape(batch, 9), blocks.kv_range_hi.reshape(batch, 9)
+    visited = (jnp.arange(9)[None, None] >= lo[..., None]) & (jnp.arange(9)[None, None] < hi[..., None])
+    np.testing.assert_array_equal(visited, non_empty)
+    lo, hi = blocks.q_range_lo.reshape(batch, 9), blocks.q_range_hi.reshape(batch, 9)
+    visited = (jnp.arange(9)[None, None] >= lo[..., None]) & (jnp.arange(9)[None, None] < hi[..., None])
+    np.testing.assert_array_equal(visited, jnp.swapaxes(non_empty, 1, 2))
+    if kind == "causal":
+        assert int(visited.sum()) == batch * 45  # 45 of 81 block pairs: the upper triangle is never computed
+
+
+def test_blocks_of_padding_are_never_loaded():
+    """NaN keys and values in blocks that hold only padding would poison the output if they were read."""
+    length, pad_from = 729, 429                     # blocks of 128: 512..728 is padding only
+    q, k, v, cotangent = random_inputs(3, 1, length, length, heads=2, kv_heads=2, dim=16)
+    segments = jnp.where(jnp.arange(length) < pad_from, 1, 0)[None]
+    mask = MaskSpec(q_segment_ids_BxT=segments, kv_segment_ids_BxS=segments)
+    poisoned = jnp.where(jnp.arange(length)[None, :, None, None] >= 512, jnp.nan, 1.0)
+    got = values_and_grads(lambda q, k, v: flash_attention(q, k, v, mask), q, k * poisoned, v * poisoned,
+                           cotangent)
+    visible = mask.dense(length, length)
+    want = values_and_grads(lambda q, k, v: reference(q, k, v, visible), q, k, v, cotangent)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a[:, :512], b[:, :512], atol=F32_TOLERANCE, rtol=F32_TOLERANCE)
+    assert all(np.isfinite(np.asarray(x)).all() for x in got)
+
+
+@pytest.mark.parametrize("kind", ["causal", "prefix", "segments"])
+def test_tpu_kernel_in_tpu_interpret_mode(kind):
+    """The TPU variant (scalar-prefetched loop ranges in SMEM, 128-wide key blocks) under the TPU interpreter."""
+    q, k, v, cotangent = random_inputs(11, 2, 197, 197, heads=4, kv_heads=2, dim=16)
+    mask = masks(2, 197)[kind]
+    with pltpu.force_tpu_interpret_mode():
+        compare(lambda q, k, v: flash_attention(q, k, v, mask, platform="tpu"), mask, q, k, v, cotangent,
+                jnp.float32)
+
+
+@pytest.mark.parametrize("kind,kv_heads", [("full", 4), ("causal", 2), ("segments", 1)])
+def test_splash_in_interpret_mode(kind, kv_heads):
+    q, k, v, cotangent = random_inputs(13, 2, 197, 197, heads=4, kv_heads=kv_heads, dim=16)
+    mask = masks(2, 197)[kind]
+    compare(lambda q, k, v: splash_attention(q, k, v, mask, interpret=True), mask, q, k, v, cotangent,
+            jnp.float32)
+    with pytest.raises(ValueError, match="no per-example prefix-LM"):
+        splash_attention(q, k, v, masks(2, 197)["prefix"], interpret=True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("platform,target", [("tpu", "tpu_custom_call"), ("gpu", "triton")])
+def test_kernels_lower_for_tpu_and_gpu(platform, target, dtype):
+    """Forward, dq and dk/dv kernels lower to Mosaic (TPU) and Triton (CUDA) from this CPU-only machine."""
+    q = jax.ShapeDtypeStruct((2, 197, 4, 64), dtype)
+    kv = jax.ShapeDtypeStruct((2, 197, 2, 64), dtype)
+    ids = jax.ShapeDtypeStruct((2, 197), jnp.int32)
+    prefix = jax.ShapeDtypeStruct((2,), jnp.int32)
+
+    def grads(q, k, v, ids, prefix):
+        mask = MaskSpec(causal=True, prefix_len_B=prefix, q_segment_ids_BxT=ids, kv_segment_ids_BxS=ids)
+        loss = lambda q, k, v: jnp.sum(flash_attention(q, k, v, mask, platform=platform).astype(jnp.float32))
+        return jax.grad(loss, (0, 1, 2))(q, k, v)
+
+    lowered = jax.jit(grads).trace(q, kv, kv, ids, prefix).lower(
+        lowering_platforms=("cuda" if platform == "gpu" else "tpu",))
+    calls = [line for line in lowered.as_text().splitlines() if "custom_call" in line and target in line]
+    assert len(calls) == 3, calls  # forward, dq, dk/dv
