@@ -128,3 +128,57 @@ def test_kernels_lower_for_tpu_and_gpu(platform, target, dtype):
         lowering_platforms=("cuda" if platform == "gpu" else "tpu",))
     calls = [line for line in lowered.as_text().splitlines() if "custom_call" in line and target in line]
     assert len(calls) == 3, calls  # forward, dq, dk/dv
+
+
+def demo_losses(attention_impl: str, steps: int = 2) -> list[float]:
+    """Losses of the `make demo` model (configs/demo/clip_tiny.py) at batch 16 on one device."""
+    from configs.demo.clip_tiny import get_config
+    from test_train_step import setup
+    from vlm_jax.parallel.sharding import to_global_batch
+    from vlm_jax.train_state import init_train_state
+
+    config = get_config()
+    config.batch_size, config.model.attention_impl = 16, attention_impl
+    layout, sharding, step_fn = setup(config, jax.devices()[:1])
+    state, losses, rng = init_train_state(layout, 0), [], np.random.default_rng(0)
+    for _ in range(steps):
+        batch = {"image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+                 "text": rng.integers(0, 1000, (16, 16)).astype(np.int32)}
+        state, metrics = step_fn(state, to_global_batch(batch, sharding))
+        losses.append(float(metrics["loss"]))
+    return losses
+
+
+def test_demo_model_trains_the_same_with_the_pallas_kernel():
+    np.testing.assert_allclose(demo_losses("pallas"), demo_losses("xla"), rtol=1e-5, atol=1e-5)
+
+
+def test_dispatch_choices_and_refusals():
+    from vlm_jax.kernels.attention import choose, dot_product_attention
+
+    def shapes(length, dim=64, dtype=jnp.float32):
+        return jnp.zeros((1, length, 4, dim), dtype), jnp.zeros((1, length, 2, dim), dtype)
+
+    causal, prefix = MaskSpec(causal=True), MaskSpec(prefix_len_B=jnp.asarray([3]))
+    segments = MaskSpec(q_segment_ids_BxT=jnp.ones((1, 4096), jnp.int32),
+                        kv_segment_ids_BxS=jnp.ones((1, 4096), jnp.int32))
+    assert choose("auto", *shapes(197), causal, False, "tpu") == "xla"          # short: XLA everywhere
+    assert choose("auto", *shapes(4096), causal, True, "tpu") == "xla"          # a dense mask: only XLA
+    assert choose("auto", *shapes(4096), causal, False, "cpu") == "blockwise"
+    assert choose("auto", *shapes(4096), prefix, False, "tpu") == "pallas"
+    assert choose("auto", *shapes(65536, 128), causal, False, "tpu") == "splash"  # keys too big for VMEM
+    assert choose("auto", *shapes(65536, 128), prefix, False, "tpu") == "blockwise"
+    assert choose("auto", *shapes(4096, dtype=jnp.bfloat16), causal, False, "gpu") == "cudnn"
+    assert choose("auto", *shapes(4096, dtype=jnp.bfloat16), segments, False, "gpu") == "pallas"
+    assert choose("auto", *shapes(4096), causal, False, "gpu") == "pallas"      # float32: not cuDNN
+    assert choose("pallas", *shapes(8), None, False, "cpu") == "pallas"
+
+    q, k = shapes(5)
+    with pytest.raises(ValueError, match="attention_impl 'splash' needs a tpu backend; this one is cpu"):
+        dot_product_attention(q, k, k, impl="splash")
+    with pytest.raises(ValueError, match="attention_impl 'cudnn' needs a gpu backend; this one is cpu"):
+        dot_product_attention(q, k, k, impl="cudnn")
+    with pytest.raises(ValueError, match="prefix length 9 is outside the sequence of 5 tokens"):
+        dot_product_attention(q, k, k, mask=MaskSpec(prefix_len_B=jnp.asarray([9])), impl="pallas")
+    with pytest.raises(ValueError, match="'pallas' takes a structured MaskSpec, not a dense mask"):
+        dot_product_attention(q, k, k, mask_BxTxS=jnp.ones((1, 5, 5), bool), impl="pallas")

@@ -128,6 +128,7 @@ def test_workdir_with_a_different_model(data_dir, tmp_path):
                              "but there are 8 devices"),
     ("--config.batch_size=30", "batch_size 30 is not divisible by the data-parallel size 8"),
     ("--config.sharding_rules=(('batch', 'data'), ('embed', 'fsdp'))", "unknown logical axis"),
+    ("--config.model.attention_impl=splash", "attention_impl 'splash' needs a tpu backend; this one is cpu"),
 ])
 def test_bad_parallel_settings(data_dir, tmp_path, override, message):
     assert_one_line_error(run(*train_args(data_dir, tmp_path, override)), message)

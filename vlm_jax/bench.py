@@ -5,7 +5,7 @@
     python -m vlm_jax.bench data --config=configs/bench/data_256.py [--batches=60 --warmup=10]
         [--peer=open_clip --peer-python=.venv-peer/bin/python]
     python -m vlm_jax.bench compile --config=configs/bench/siglip_s16.py --topology=v5p-256 [--config.key=value]
-    python -m vlm_jax.bench attention [--lengths=1024,4096,16384] [--causal]
+    python -m vlm_jax.bench attention [--lengths=1024,4096,16384] [--causal] [--dtype=bfloat16]
 
 With --peer, the peer (its train step, or its webdataset loader on the same shards) is timed right after ours
 in the same run (in its own Python environment, see `make peer-env`) and the ratio is reported.
@@ -129,10 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     attention = commands.add_parser("attention", help="attention time and memory per implementation")
     attention.add_argument("--lengths", default="1024,4096,16384")
     attention.add_argument("--causal", action="store_true")
+    attention.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                           help="default: float32 on CPU, bfloat16 on accelerators")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.command == "attention":
         lengths = [int(n) for n in args.lengths.split(",")]
-        print(json.dumps(bench_attention(lengths, args.causal)), flush=True)
+        print(json.dumps(bench_attention(lengths, args.causal, args.dtype)), flush=True)
         return 0
     overrides = [item[len("--config."):] for item in rest if item.startswith("--config.")]
     if len(overrides) != len(rest):

@@ -15,19 +15,21 @@ HEADS, HEAD_DIM = 8, 64
 RUN_BUDGET_BYTES = 8 * 2**30
 
 
-def available_implementations() -> tuple[str, ...]:
-    """Pallas kernels are timed only on accelerators (interpret mode on CPU says nothing about speed)."""
-    return ("xla", "blockwise")
+def available_implementations(backend: str) -> tuple[str, ...]:
+    """What this backend runs natively; the Pallas kernel is timed only on accelerators (interpret mode on
+    CPU says nothing about speed)."""
+    return {"tpu": ("xla", "blockwise", "pallas", "splash"),
+            "gpu": ("xla", "blockwise", "pallas", "cudnn")}.get(backend, ("xla", "blockwise"))
 
 
-def measure(impl: str, length: int, causal: bool, repeats: int = 3) -> dict:
+def measure(impl: str, length: int, causal: bool, dtype: str = "float32", repeats: int = 3) -> dict:
     shape = (1, length, HEADS, HEAD_DIM)
     keys = jax.random.split(jax.random.key(0), 3)
-    q, k, v = (jax.random.normal(key, shape, jnp.float32) for key in keys)
+    q, k, v = (jax.random.normal(key, shape, dtype) for key in keys)
     mask = MaskSpec(causal=causal)
 
     def loss(q, k, v):
-        return jnp.sum(dot_product_attention(q, k, v, mask=mask, impl=impl) ** 2)
+        return jnp.sum(dot_product_attention(q, k, v, mask=mask, impl=impl).astype(jnp.float32) ** 2)
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     forward = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, mask=mask, impl=impl))
@@ -45,7 +47,11 @@ def measure(impl: str, length: int, causal: bool, repeats: int = 3) -> dict:
             "fwd_bwd_temp_mib": round(temp["forward_backward"] / 2**20, 1)}
 
 
-def bench_attention(lengths: list[int], causal: bool) -> dict:
-    rows = [measure(impl, length, causal) for length in lengths for impl in available_implementations()]
-    return {"bench": "attention", "backend": jax.default_backend(), "heads": HEADS, "head_dim": HEAD_DIM,
+def bench_attention(lengths: list[int], causal: bool, dtype: str | None = None) -> dict:
+    """Rows of time and compiled memory; `dtype` defaults to float32 on CPU and bfloat16 on accelerators."""
+    backend = jax.default_backend()
+    dtype = dtype or ("float32" if backend == "cpu" else "bfloat16")
+    rows = [measure(impl, length, causal, dtype) for length in lengths
+            for impl in available_implementations(backend)]
+    return {"bench": "attention", "backend": backend, "dtype": dtype, "heads": HEADS, "head_dim": HEAD_DIM,
             "batch": 1, "rows": rows}

@@ -129,8 +129,9 @@ def _xla_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, mask):
         "bthd,bshd->bhts", q_BxTxHxD, k_BxSxHxD, preferred_element_type=jnp.float32) * scale
     if mask_BxTxS is not None:
         logits_BxHxTxS = jnp.where(mask_BxTxS[:, None], logits_BxHxTxS, jnp.finfo(jnp.float32).min)
-    probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1)
-    if mask_BxTxS is not None:  # rows with no visible key give zeros, as in every other implementation
-        probs_BxHxTxS = probs_BxHxTxS * mask_BxTxS.any(-1)[:, None, :, None]
-    probs_BxHxTxS = probs_BxHxTxS.astype(v_BxSxHxD.dtype)
-    return jnp.einsum("bhts,bshd->bthd", probs_BxHxTxS, v_BxSxHxD)
+    probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(v_BxSxHxD.dtype)
+    out_BxTxHxD = jnp.einsum("bhts,bshd->bthd", probs_BxHxTxS, v_BxSxHxD)
+    if mask_BxTxS is None:
+        return out_BxTxHxD
+    # rows with no visible key give zeros, as in every other implementation
+    return jnp.where(mask_BxTxS.any(-1)[:, :, None, None], out_BxTxHxD, 0).astype(out_BxTxHxD.dtype)

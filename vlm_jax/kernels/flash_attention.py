@@ -178,8 +178,10 @@ def _pallas(kernel, t: _Tiling, grid, tables, inputs, in_specs, out_shapes, out_
         from jax.experimental.pallas import tpu as pltpu
         grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=2, grid=grid, in_specs=in_specs,
                                                  out_specs=out_specs)
+        q = inputs[0]
+        resident = resident_bytes(max(t.padded_q, t.padded_k), q.shape[-1], q.dtype.itemsize, t.block_k)
         params = pltpu.CompilerParams(dimension_semantics=("parallel",) * 3,
-                                      vmem_limit_bytes=int(max(32 * 2**20, 3 * _vmem_estimate(inputs))))
+                                      vmem_limit_bytes=32 * 2**20 + 2 * resident)
         return pl.pallas_call(kernel, out_shape=out_shapes, grid_spec=grid_spec, compiler_params=params)(
             *tables, *inputs)
     if t.platform == "gpu":
@@ -191,11 +193,6 @@ def _pallas(kernel, t: _Tiling, grid, tables, inputs, in_specs, out_shapes, out_
     table_specs = [_block(x.shape, lambda *_: (0,)) for x in tables]
     return pl.pallas_call(kernel, out_shape=out_shapes, grid=grid, in_specs=table_specs + in_specs,
                           out_specs=out_specs, compiler_params=params, interpret=interpret)(*tables, *inputs)
-
-
-def _vmem_estimate(inputs) -> int:
-    """Bytes of the largest full-sequence operand block (one head of the biggest input)."""
-    return max(x.shape[-2] * x.shape[-1] * x.dtype.itemsize for x in inputs) * 4
 
 
 def _mask_inputs(masks: BlockMask, t: _Tiling, query_blocked: bool):
