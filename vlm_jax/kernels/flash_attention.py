@@ -28,6 +28,13 @@ PLATFORMS = ("interpret", "tpu", "gpu")
 _NEG = -1e30
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+_PRECISION = jax.lax.Precision.HIGHEST  # exact float32 products on TPU and GPU too
+
+
+def _dot(a: jax.Array, b: jax.Array, dimensions) -> jax.Array:
+    """A matmul inside a kernel, accumulated in float32."""
+    return jax.lax.dot_general(a, b, dimensions, precision=_PRECISION, preferred_element_type=jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +48,6 @@ class _Tiling:
     scale: float
     platform: str
     segments: bool
-    precision: jax.lax.Precision = jax.lax.Precision.HIGHEST  # exact float32 products on TPU/GPU too
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -72,7 +78,8 @@ def _visible(limit_Qx1, key_start, q_segments_Qx1, kv_segments_ref, block_k: int
     key_positions = key_start + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
     visible = key_positions < limit_Qx1
     if kv_segments_ref is not None:
-        visible = visible & (q_segments_Qx1 == kv_segments_ref[:, pl.ds(pl.multiple_of(key_start, block_k), block_k)])
+        keys = pl.ds(pl.multiple_of(key_start, block_k), block_k)
+        visible = visible & (q_segments_Qx1 == kv_segments_ref[:, keys])
     return visible
 
 
@@ -92,15 +99,13 @@ def _forward_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs,
         row_max, row_sum, acc = carry
         start = pl.multiple_of(j * t.block_k, t.block_k)
         k, v = k_ref[pl.ds(start, t.block_k), :], v_ref[pl.ds(start, t.block_k), :]
-        logits = jax.lax.dot_general(q, k, _NT, precision=t.precision, preferred_element_type=jnp.float32)
+        logits = _dot(q, k, _NT)
         visible = _visible(limit, start, q_segments, kv_segment_ref, t.block_k)
         logits = jnp.where(visible, logits * t.scale, _NEG)
         new_max = jnp.maximum(row_max, logits.max(axis=1, keepdims=True))
         probs = jnp.where(visible, jnp.exp(logits - new_max), 0.0)
         correction = jnp.exp(row_max - new_max)
-        acc = acc * correction + jax.lax.dot_general(
-            probs.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=t.precision,
-            preferred_element_type=jnp.float32)
+        acc = acc * correction + _dot(probs.astype(v.dtype), v, _NN)
         return new_max, row_sum * correction + probs.sum(axis=1, keepdims=True), acc
 
     shape = (t.block_q, 1)
@@ -114,9 +119,9 @@ def _forward_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs,
 
 def _probs_and_dlogits(q, k, v, d_out, lse, delta, visible, t: _Tiling):
     """Recomputed probabilities and the logit gradient of one [block_q, block_k] tile."""
-    logits = jax.lax.dot_general(q, k, _NT, precision=t.precision, preferred_element_type=jnp.float32)
+    logits = _dot(q, k, _NT)
     probs = jnp.where(visible, jnp.exp(logits * t.scale - lse), 0.0)
-    d_probs = jax.lax.dot_general(d_out, v, _NT, precision=t.precision, preferred_element_type=jnp.float32)
+    d_probs = _dot(d_out, v, _NT)
     return probs, probs * (d_probs - delta)
 
 
@@ -131,8 +136,7 @@ def _dq_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: _
         k, v = k_ref[pl.ds(start, t.block_k), :], v_ref[pl.ds(start, t.block_k), :]
         visible = _visible(limit, start, q_segments, kv_segment_ref, t.block_k)
         _, d_logits = _probs_and_dlogits(q, k, v, d_out, lse, delta, visible, t)
-        return dq + jax.lax.dot_general(d_logits.astype(k.dtype), k, (((1,), (0,)), ((), ())),
-                                        precision=t.precision, preferred_element_type=jnp.float32)
+        return dq + _dot(d_logits.astype(k.dtype), k, _NN)
 
     dq = jax.lax.fori_loop(kv_lo_ref[row], kv_hi_ref[row], visit, jnp.zeros(dq_ref.shape, jnp.float32))
     dq_ref[...] = (dq * t.scale).astype(dq_ref.dtype)
@@ -152,10 +156,8 @@ def _dkv_kernel(q_lo_ref, q_hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: _T
         q_segments = None if q_segment_ref is None else q_segment_ref[rows, :]
         visible = _visible(limit_ref[rows, :], key_start, q_segments, kv_segment_ref, t.block_k)
         probs, d_logits = _probs_and_dlogits(q, k, v, d_out, lse_ref[rows, :], delta_ref[rows, :], visible, t)
-        dv = dv + jax.lax.dot_general(probs.astype(d_out.dtype), d_out, _TN, precision=t.precision,
-                                      preferred_element_type=jnp.float32)
-        dk = dk + jax.lax.dot_general(d_logits.astype(q.dtype), q, _TN, precision=t.precision,
-                                      preferred_element_type=jnp.float32)
+        dv = dv + _dot(probs.astype(d_out.dtype), d_out, _TN)
+        dk = dk + _dot(d_logits.astype(q.dtype), q, _TN)
         return dk, dv
 
     zeros = jnp.zeros(dk_ref.shape, jnp.float32)
@@ -165,10 +167,6 @@ def _dkv_kernel(q_lo_ref, q_hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: _T
 
 
 # ------------------------------------------------------------------------------------------ pallas calls
-
-def _block(shape, index_map):
-    return pl.BlockSpec(shape, index_map)
-
 
 def _pallas(kernel, t: _Tiling, grid, tables, inputs, in_specs, out_shapes, out_specs):
     """pallas_call for the platform: the two int32 loop-range tables go to scalar memory on TPU (scalar
@@ -190,7 +188,7 @@ def _pallas(kernel, t: _Tiling, grid, tables, inputs, in_specs, out_shapes, out_
         tables = [jnp.pad(x, (0, pl.next_power_of_2(x.size) - x.size)) for x in tables]
     else:
         params, interpret = None, True
-    table_specs = [_block(x.shape, lambda *_: (0,)) for x in tables]
+    table_specs = [pl.BlockSpec(x.shape, lambda *_: (0,)) for x in tables]
     return pl.pallas_call(kernel, out_shape=out_shapes, grid=grid, in_specs=table_specs + in_specs,
                           out_specs=out_specs, compiler_params=params, interpret=interpret)(*tables, *inputs)
 
@@ -198,10 +196,10 @@ def _pallas(kernel, t: _Tiling, grid, tables, inputs, in_specs, out_shapes, out_
 def _mask_inputs(masks: BlockMask, t: _Tiling, query_blocked: bool):
     """Mask arrays and specs; `query_blocked` means the grid walks query blocks (forward, dq)."""
     if query_blocked:
-        q_side = _block((None, t.block_q, 1), lambda b, h, i, *_: (b, i, 0))
+        q_side = pl.BlockSpec((None, t.block_q, 1), lambda b, h, i, *_: (b, i, 0))
     else:
-        q_side = _block((None, t.padded_q, 1), lambda b, h, j, *_: (b, 0, 0))
-    kv_side = _block((None, 1, t.padded_k), lambda b, h, i, *_: (b, 0, 0))
+        q_side = pl.BlockSpec((None, t.padded_q, 1), lambda b, h, j, *_: (b, 0, 0))
+    kv_side = pl.BlockSpec((None, 1, t.padded_k), lambda b, h, i, *_: (b, 0, 0))
     arrays, specs = [masks.key_limit_BxTx1], [q_side]
     if t.segments:
         arrays += [masks.q_segments_BxTx1, masks.kv_segments_Bx1xS]
@@ -211,9 +209,9 @@ def _mask_inputs(masks: BlockMask, t: _Tiling, query_blocked: bool):
 
 def _forward(q, k, v, masks: BlockMask, t: _Tiling):
     batch, heads, _, dim = q.shape
-    q_tile = _block((None, None, t.block_q, dim), lambda b, h, i, *_: (b, h, i, 0))
-    kv_all = _block((None, None, t.padded_k, dim), lambda b, h, i, *_: (b, jax.lax.div(h, t.groups), 0, 0))
-    stat_tile = _block((None, None, t.block_q, 1), lambda b, h, i, *_: (b, h, i, 0))
+    q_tile = pl.BlockSpec((None, None, t.block_q, dim), lambda b, h, i, *_: (b, h, i, 0))
+    kv_all = pl.BlockSpec((None, None, t.padded_k, dim), lambda b, h, i, *_: (b, jax.lax.div(h, t.groups), 0, 0))
+    stat_tile = pl.BlockSpec((None, None, t.block_q, 1), lambda b, h, i, *_: (b, h, i, 0))
     mask_arrays, mask_specs = _mask_inputs(masks, t, query_blocked=True)
     return _pallas(
         _forward_kernel, t, (batch, heads, t.padded_q // t.block_q), (masks.kv_range_lo, masks.kv_range_hi),
@@ -225,9 +223,9 @@ def _forward(q, k, v, masks: BlockMask, t: _Tiling):
 def _backward(q, k, v, masks: BlockMask, t: _Tiling, out, lse, d_out):
     batch, heads, _, dim = q.shape
     delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1, keepdims=True)
-    q_tile = _block((None, None, t.block_q, dim), lambda b, h, i, *_: (b, h, i, 0))
-    kv_all = _block((None, None, t.padded_k, dim), lambda b, h, i, *_: (b, jax.lax.div(h, t.groups), 0, 0))
-    stat_tile = _block((None, None, t.block_q, 1), lambda b, h, i, *_: (b, h, i, 0))
+    q_tile = pl.BlockSpec((None, None, t.block_q, dim), lambda b, h, i, *_: (b, h, i, 0))
+    kv_all = pl.BlockSpec((None, None, t.padded_k, dim), lambda b, h, i, *_: (b, jax.lax.div(h, t.groups), 0, 0))
+    stat_tile = pl.BlockSpec((None, None, t.block_q, 1), lambda b, h, i, *_: (b, h, i, 0))
     mask_arrays, mask_specs = _mask_inputs(masks, t, query_blocked=True)
     dq = _pallas(
         _dq_kernel, t, (batch, heads, t.padded_q // t.block_q), (masks.kv_range_lo, masks.kv_range_hi),
@@ -235,10 +233,10 @@ def _backward(q, k, v, masks: BlockMask, t: _Tiling, out, lse, d_out):
         [q_tile, kv_all, kv_all, *mask_specs, q_tile, stat_tile, stat_tile],
         jax.ShapeDtypeStruct(q.shape, q.dtype), q_tile)
 
-    q_all = _block((None, None, t.padded_q, dim), lambda b, h, j, *_: (b, h, 0, 0))
-    kv_tile = _block((None, None, t.block_k, dim), lambda b, h, j, *_: (b, jax.lax.div(h, t.groups), j, 0))
-    grad_tile = _block((None, None, t.block_k, dim), lambda b, h, j, *_: (b, h, j, 0))
-    stat_all = _block((None, None, t.padded_q, 1), lambda b, h, j, *_: (b, h, 0, 0))
+    q_all = pl.BlockSpec((None, None, t.padded_q, dim), lambda b, h, j, *_: (b, h, 0, 0))
+    kv_tile = pl.BlockSpec((None, None, t.block_k, dim), lambda b, h, j, *_: (b, jax.lax.div(h, t.groups), j, 0))
+    grad_tile = pl.BlockSpec((None, None, t.block_k, dim), lambda b, h, j, *_: (b, h, j, 0))
+    stat_all = pl.BlockSpec((None, None, t.padded_q, 1), lambda b, h, j, *_: (b, h, 0, 0))
     mask_arrays, mask_specs = _mask_inputs(masks, t, query_blocked=False)
     per_head = jax.ShapeDtypeStruct((batch, heads, t.padded_k, dim), jnp.float32)
     dk, dv = _pallas(
