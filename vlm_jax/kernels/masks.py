@@ -8,11 +8,14 @@ sees keys of its own segment; segment id 0 marks padding).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
 
+@functools.partial(jax.tree_util.register_dataclass, meta_fields=["causal"],
+                   data_fields=["prefix_len_B", "q_segment_ids_BxT", "kv_segment_ids_BxS"])
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
     causal: bool = False

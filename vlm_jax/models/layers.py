@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlm_jax.kernels.attention import dot_product_attention
 from vlm_jax.kernels.masks import MaskSpec
+from vlm_jax.parallel.sharded_attention import sharded_attention
 from vlm_jax.parallel.sharding import constrain
 
 Dtype = Any
@@ -150,7 +150,7 @@ class MultiHeadAttention(nnx.Module):
         """Self-attention, or cross-attention from `x` to `kv` when given."""
         kv_BxSxD = x_BxTxD if kv_BxSxD is None else kv_BxSxD
         q, k, v = self.query(x_BxTxD), self.key(kv_BxSxD), self.value(kv_BxSxD)
-        y_BxTxHxK = dot_product_attention(q, k, v, mask=mask, impl=self.attention_impl)
+        y_BxTxHxK = sharded_attention(q, k, v, mask, self.attention_impl)
         return self.out(y_BxTxHxK)
 
 

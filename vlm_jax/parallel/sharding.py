@@ -86,6 +86,11 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _active.pop()
 
 
+def active_mesh() -> tuple[Mesh, Rules] | None:
+    """The (mesh, rules) of the innermost `activation_sharding`, or None outside one."""
+    return _active[-1] if _active else None
+
+
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     """Sharding constraint from logical axis names (e.g. activation_batch, activation_length,
     activation_embed); a no-op outside `activation_sharding` (plain model calls, tests, evaluation)."""
