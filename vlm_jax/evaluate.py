@@ -15,7 +15,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 
 from data_pipelines import input_pipeline
 from vlm_jax import checkpoint
@@ -24,7 +24,7 @@ from vlm_jax.evaluators.common import apply_in_batches
 from vlm_jax.evaluators.retrieval import retrieval_recall
 from vlm_jax.evaluators.zeroshot import class_embeddings, zeroshot_accuracy
 from vlm_jax.parallel.mesh import make_mesh
-from vlm_jax.parallel.sharding import batch_sharding, data_parallel_size
+from vlm_jax.parallel.sharding import activation_sharding, batch_sharding, data_parallel_size
 from vlm_jax.tasks import get_task
 from vlm_jax.train_state import StateLayout, make_state_layout
 
@@ -76,9 +76,16 @@ class Embedders:
     text: Callable[[Any, jax.Array], jax.Array]
 
 
-def make_embedders(task, layout: StateLayout) -> Embedders:
-    return Embedders(image=jax.jit(lambda p, x: task.embed_image(layout.merge(p), x)),
-                     text=jax.jit(lambda p, x: task.embed_text(layout.merge(p), x)))
+def make_embedders(task, layout: StateLayout, mesh: Mesh) -> Embedders:
+    """Jitted image and text embedding with the training step's activation sharding (so fused attention kernels
+    run per device)."""
+    def on_mesh(embed):
+        def run(params, x):
+            with activation_sharding(mesh, task.config.sharding_rules):
+                return embed(layout.merge(params), x)
+        return jax.jit(run)
+
+    return Embedders(image=on_mesh(task.embed_image), text=on_mesh(task.embed_text))
 
 
 def run_evaluators(embedders: Embedders, params: Any, data: EvalData, sharding: NamedSharding,
@@ -110,7 +117,7 @@ def evaluate_workdir(workdir: str) -> dict[str, Any]:
     if data is None:
         raise ValueError("config.data.eval_shards is not set: nothing to evaluate on")
     sharding = batch_sharding(mesh, config.sharding_rules)
-    results = run_evaluators(make_embedders(task, layout), params, data, sharding,
+    results = run_evaluators(make_embedders(task, layout, mesh), params, data, sharding,
                              eval_batch_size(config, sharding))
     return {"step": step, **results}
 

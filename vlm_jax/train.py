@@ -109,7 +109,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     train_step = make_train_step(task, layout, sharding, config.microbatches)
     writer = MetricsWriter(workdir, resumed_step=start)
     averager, progress = IntervalAverager(), Progress(config.total_steps, config.batch_size, start)
-    eval_size, embedders = eval_batch_size(config, sharding), make_embedders(task, layout)
+    eval_size, embedders = eval_batch_size(config, sharding), make_embedders(task, layout, mesh)
 
     def evaluate(step: int, params) -> dict[str, float]:
         return evaluate_and_log(step, embedders, params, eval_data, sharding, eval_size, writer)
