@@ -40,10 +40,11 @@ def random_inputs(seed, batch, length_q, length_k, heads, kv_heads, dim, dtype=j
     return q, k, v, jax.random.normal(keys[3], (batch, length_q, heads, dim))
 
 
-def values_and_grads(attention, q, k, v, cotangent):
-    """attention(q, k, v) and the gradients of <attention(q, k, v), cotangent> in q, k, v, in float32."""
-    def loss(q, k, v):
-        return jnp.sum(attention(q, k, v).astype(jnp.float32) * cotangent)
-    out = jax.jit(attention)(q, k, v).astype(jnp.float32)
-    grads = jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, v)
+def values_and_grads(attention, q, k, v, cotangent, *extra):
+    """attention(q, k, v, *extra) and the gradients of <attention(q, k, v, *extra), cotangent> in q, k, v, in
+    float32. Everything goes in as an argument: a closed-over mask would be constant-folded, slowly."""
+    def loss(q, k, v, cotangent, *extra):
+        return jnp.sum(attention(q, k, v, *extra).astype(jnp.float32) * cotangent)
+    out = jax.jit(attention)(q, k, v, *extra).astype(jnp.float32)
+    grads = jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, v, cotangent, *extra)
     return [out, *(g.astype(jnp.float32) for g in grads)]

@@ -1,6 +1,8 @@
 """The blockwise (scan over key blocks) XLA attention against a plain reference: every mask kind, lengths
 that are not block multiples, grouped-query heads, values and gradients; and its linear memory."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,26 +11,21 @@ import pytest
 from vlm_jax.kernels.blockwise import blockwise_attention
 from vlm_jax.kernels.masks import MaskSpec
 
-from attention_cases import KINDS, LENGTHS, masks, reference
+from attention_cases import KINDS, LENGTHS, masks, random_inputs, reference, values_and_grads
 
 
 @pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_blockwise_matches_reference_values_and_gradients(length, kind):
-    batch, heads, kv_heads, dim = 2, 4, 2, 16
-    keys = jax.random.split(jax.random.key(length), 4)
-    q = jax.random.normal(keys[0], (batch, length, heads, dim))
-    k = jax.random.normal(keys[1], (batch, length, kv_heads, dim))
-    v = jax.random.normal(keys[2], (batch, length, kv_heads, dim))
-    cotangent = jax.random.normal(keys[3], (batch, length, heads, dim))
-    mask = masks(batch, length)[kind]
-    visible = jnp.broadcast_to(mask.dense(length, length), (batch, length, length))
-    ours = lambda q, k, v: jnp.sum(blockwise_attention(q, k, v, mask, block_size=128) * cotangent)
-    plain = lambda q, k, v: jnp.sum(reference(q, k, v, visible) * cotangent)
-    np.testing.assert_allclose(blockwise_attention(q, k, v, mask, block_size=128), reference(q, k, v, visible),
-                               atol=1e-5, rtol=1e-5)
-    for got, want in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(plain, (0, 1, 2))(q, k, v)):
-        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+    q, k, v, cotangent = random_inputs(length, 2, length, length, heads=4, kv_heads=2, dim=16)
+    mask = masks(2, length)[kind]
+    visible = jnp.broadcast_to(mask.dense(length, length), (2, length, length))
+    ours = functools.partial(blockwise_attention, block_size=128)
+    got = values_and_grads(ours, q, k, v, cotangent, mask)
+    want = values_and_grads(reference, q, k, v, cotangent, visible)
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(got[1:], want[1:]):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
 
 
 def test_memory_grows_linearly():

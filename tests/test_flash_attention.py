@@ -2,6 +2,8 @@
 lengths that are not block multiples, grouped-query heads, float32 and bfloat16, values and dq/dk/dv; block
 skipping; the TPU-interpreted and splash variants; lowering for TPU (Mosaic) and GPU (Triton)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,10 +21,11 @@ F32_TOLERANCE, BF16_RELATIVE = 1e-5, 2e-2
 
 
 def compare(attention, mask, q, k, v, cotangent, dtype):
-    """Values and dq/dk/dv of `attention` against the float32 reference on the same (rounded) inputs."""
+    """Values and dq/dk/dv of `attention(q, k, v, mask)` against the float32 reference on the same (rounded)
+    inputs."""
     visible = jnp.broadcast_to(mask.dense(q.shape[1], k.shape[1]), (q.shape[0], q.shape[1], k.shape[1]))
-    got = values_and_grads(attention, q, k, v, cotangent)
-    want = values_and_grads(lambda q, k, v: reference(q, k, v, visible), q, k, v, cotangent)
+    got = values_and_grads(attention, q, k, v, cotangent, mask)
+    want = values_and_grads(reference, q, k, v, cotangent, visible)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         if dtype == jnp.float32:
             np.testing.assert_allclose(a, b, atol=F32_TOLERANCE, rtol=F32_TOLERANCE, err_msg=name)
@@ -38,7 +41,7 @@ def compare(attention, mask, q, k, v, cotangent, dtype):
 def test_pallas_matches_reference(kind, length, dtype):
     q, k, v, cotangent = random_inputs(length, 2, length, length, heads=4, kv_heads=2, dim=16, dtype=dtype)
     mask = masks(2, length)[kind]
-    compare(lambda q, k, v: flash_attention(q, k, v, mask), mask, q, k, v, cotangent, dtype)
+    compare(flash_attention, mask, q, k, v, cotangent, dtype)
 
 
 @pytest.mark.parametrize("length_q,length_k,kv_heads,kind", [
@@ -52,7 +55,7 @@ def test_pallas_cross_attention_and_head_groupings(length_q, length_k, kv_heads,
     if kind == "segments":
         mask = MaskSpec(q_segment_ids_BxT=mask.q_segment_ids_BxT[:, :length_q],
                         kv_segment_ids_BxS=mask.kv_segment_ids_BxS)
-    compare(lambda q, k, v: flash_attention(q, k, v, mask), mask, q, k, v, cotangent, jnp.float32)
+    compare(flash_attention, mask, q, k, v, cotangent, jnp.float32)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -81,10 +84,8 @@ def test_blocks_of_padding_are_never_loaded():
     segments = jnp.where(jnp.arange(length) < pad_from, 1, 0)[None]
     mask = MaskSpec(q_segment_ids_BxT=segments, kv_segment_ids_BxS=segments)
     poisoned = jnp.where(jnp.arange(length)[None, :, None, None] >= 512, jnp.nan, 1.0)
-    got = values_and_grads(lambda q, k, v: flash_attention(q, k, v, mask), q, k * poisoned, v * poisoned,
-                           cotangent)
-    visible = mask.dense(length, length)
-    want = values_and_grads(lambda q, k, v: reference(q, k, v, visible), q, k, v, cotangent)
+    got = values_and_grads(flash_attention, q, k * poisoned, v * poisoned, cotangent, mask)
+    want = values_and_grads(reference, q, k, v, cotangent, mask.dense(length, length))
     for a, b in zip(got, want):
         np.testing.assert_allclose(a[:, :512], b[:, :512], atol=F32_TOLERANCE, rtol=F32_TOLERANCE)
     assert all(np.isfinite(np.asarray(x)).all() for x in got)
@@ -96,16 +97,14 @@ def test_tpu_kernel_in_tpu_interpret_mode(kind):
     q, k, v, cotangent = random_inputs(11, 2, 197, 197, heads=4, kv_heads=2, dim=16)
     mask = masks(2, 197)[kind]
     with pltpu.force_tpu_interpret_mode():
-        compare(lambda q, k, v: flash_attention(q, k, v, mask, platform="tpu"), mask, q, k, v, cotangent,
-                jnp.float32)
+        compare(functools.partial(flash_attention, platform="tpu"), mask, q, k, v, cotangent, jnp.float32)
 
 
 @pytest.mark.parametrize("kind,kv_heads", [("full", 4), ("causal", 2), ("segments", 1)])
 def test_splash_in_interpret_mode(kind, kv_heads):
     q, k, v, cotangent = random_inputs(13, 2, 197, 197, heads=4, kv_heads=kv_heads, dim=16)
     mask = masks(2, 197)[kind]
-    compare(lambda q, k, v: splash_attention(q, k, v, mask, interpret=True), mask, q, k, v, cotangent,
-            jnp.float32)
+    compare(functools.partial(splash_attention, interpret=True), mask, q, k, v, cotangent, jnp.float32)
     with pytest.raises(ValueError, match="no per-example prefix-LM"):
         splash_attention(q, k, v, masks(2, 197)["prefix"], interpret=True)
 
