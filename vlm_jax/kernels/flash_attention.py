@@ -73,13 +73,12 @@ def resident_bytes(length_k: int, head_dim: int, itemsize: int, block: int = 128
 
 # ----------------------------------------------------------------------------------------------- kernels
 
-def _visible(limit_Qx1, key_start, q_segments_Qx1, kv_segments_ref, block_k: int):
+def _visible(limit_Qx1, key_block, q_segments_Qx1, kv_segments_ref, block_k: int):
     """bool [block_q, block_k]: key position < the query's limit, and the same segment when packed."""
-    key_positions = key_start + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+    key_positions = key_block * block_k + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
     visible = key_positions < limit_Qx1
     if kv_segments_ref is not None:
-        keys = pl.ds(pl.multiple_of(key_start, block_k), block_k)
-        visible = visible & (q_segments_Qx1 == kv_segments_ref[:, keys])
+        visible = visible & (q_segments_Qx1 == kv_segments_ref[pl.ds(key_block, 1), :])
     return visible
 
 
@@ -100,7 +99,7 @@ def _forward_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs,
         start = pl.multiple_of(j * t.block_k, t.block_k)
         k, v = k_ref[pl.ds(start, t.block_k), :], v_ref[pl.ds(start, t.block_k), :]
         logits = _dot(q, k, _NT)
-        visible = _visible(limit, start, q_segments, kv_segment_ref, t.block_k)
+        visible = _visible(limit, j, q_segments, kv_segment_ref, t.block_k)
         logits = jnp.where(visible, logits * t.scale, _NEG)
         new_max = jnp.maximum(row_max, logits.max(axis=1, keepdims=True))
         probs = jnp.where(visible, jnp.exp(logits - new_max), 0.0)
@@ -134,7 +133,7 @@ def _dq_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: _
     def visit(j, dq):
         start = pl.multiple_of(j * t.block_k, t.block_k)
         k, v = k_ref[pl.ds(start, t.block_k), :], v_ref[pl.ds(start, t.block_k), :]
-        visible = _visible(limit, start, q_segments, kv_segment_ref, t.block_k)
+        visible = _visible(limit, j, q_segments, kv_segment_ref, t.block_k)
         _, d_logits = _probs_and_dlogits(q, k, v, d_out, lse, delta, visible, t)
         return dq + _dot(d_logits.astype(k.dtype), k, _NN)
 
@@ -147,14 +146,14 @@ def _dkv_kernel(q_lo_ref, q_hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: _T
     d_out_ref, lse_ref, delta_ref, dk_ref, dv_ref = rest
     row = pl.program_id(0) * pl.num_programs(2) + pl.program_id(2)
     k, v = k_ref[...], v_ref[...]
-    key_start = pl.program_id(2) * t.block_k
+    key_block = pl.program_id(2)
 
     def visit(i, carry):
         dk, dv = carry
         rows = pl.ds(pl.multiple_of(i * t.block_q, t.block_q), t.block_q)
         q, d_out = q_ref[rows, :], d_out_ref[rows, :]
         q_segments = None if q_segment_ref is None else q_segment_ref[rows, :]
-        visible = _visible(limit_ref[rows, :], key_start, q_segments, kv_segment_ref, t.block_k)
+        visible = _visible(limit_ref[rows, :], key_block, q_segments, kv_segment_ref, t.block_k)
         probs, d_logits = _probs_and_dlogits(q, k, v, d_out, lse_ref[rows, :], delta_ref[rows, :], visible, t)
         dv = dv + _dot(probs.astype(d_out.dtype), d_out, _TN)
         dk = dk + _dot(d_logits.astype(q.dtype), q, _TN)
@@ -199,10 +198,10 @@ def _mask_inputs(masks: BlockMask, t: _Tiling, query_blocked: bool):
         q_side = pl.BlockSpec((None, t.block_q, 1), lambda b, h, i, *_: (b, i, 0))
     else:
         q_side = pl.BlockSpec((None, t.padded_q, 1), lambda b, h, j, *_: (b, 0, 0))
-    kv_side = pl.BlockSpec((None, 1, t.padded_k), lambda b, h, i, *_: (b, 0, 0))
+    kv_side = pl.BlockSpec((None, t.padded_k // t.block_k, t.block_k), lambda b, h, i, *_: (b, 0, 0))
     arrays, specs = [masks.key_limit_BxTx1], [q_side]
     if t.segments:
-        arrays += [masks.q_segments_BxTx1, masks.kv_segments_Bx1xS]
+        arrays += [masks.q_segments_BxTx1, masks.kv_segments_BxNxC]
         specs += [q_side, kv_side]
     return arrays, specs
 

@@ -5,7 +5,7 @@ i + 1; prefix-LM: max(prefix, i + 1)) and equal segment ids. The loop ranges say
 key blocks can hold a visible key (and the reverse for the key/value gradient kernel), so blocks that the mask
 empties are never loaded or multiplied.
 
-Shape key: B batch, T / S padded query / key lengths, Q / N query / key blocks.
+Shape key: B batch, T / S padded query / key lengths, Q / N query / key blocks, C keys per block.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ _BIG = 2**30
 
 
 class BlockMask(NamedTuple):
-    """What the kernels read: `key_limit_BxTx1`, optional segment ids, and [lo, hi) block ranges, flat."""
+    """What the kernels read: `key_limit_BxTx1`, optional segment ids, and [lo, hi) block ranges, flat.
+    Key segment ids are one row per key block, so a kernel picks its row by a sublane index (TPU-friendly)."""
     key_limit_BxTx1: jax.Array
     q_segments_BxTx1: jax.Array | None
-    kv_segments_Bx1xS: jax.Array | None
+    kv_segments_BxNxC: jax.Array | None  # key segment ids as [key block, position in block]
     kv_range_lo: jax.Array   # [B * Q]: first key block each query block visits
     kv_range_hi: jax.Array   # [B * Q]: one past the last
     q_range_lo: jax.Array    # [B * N]: first query block each key block visits (backward)
@@ -81,7 +82,7 @@ def build_block_mask(mask: MaskSpec, batch: int, length_q: int, length_k: int, p
         k_lo, k_hi = _segment_span(kv_ids, block_k)
         table = table & (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
         q_segments = q_ids[..., None]
-        kv_segments = jnp.where(kv_ids > 0, kv_ids, -1)[:, None, :]  # padding keys match no query
+        kv_segments = jnp.where(kv_ids > 0, kv_ids, -1).reshape(batch, blocks_k, block_k)  # padding: no match
     kv_lo, kv_hi = _ranges(table)
     q_lo, q_hi = _ranges(jnp.swapaxes(table, 1, 2))
     return BlockMask(limit_BxT[..., None], q_segments, kv_segments, kv_lo, kv_hi, q_lo, q_hi)
