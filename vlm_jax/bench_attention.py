@@ -8,18 +8,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.kernels.attention import dot_product_attention
+from vlm_jax.kernels.attention import dot_product_attention, native_implementations
 from vlm_jax.kernels.masks import MaskSpec
 
 HEADS, HEAD_DIM = 8, 64
 RUN_BUDGET_BYTES = 8 * 2**30
-
-
-def available_implementations(backend: str) -> tuple[str, ...]:
-    """What this backend runs natively; the Pallas kernel is timed only on accelerators (interpret mode on
-    CPU says nothing about speed)."""
-    return {"tpu": ("xla", "blockwise", "pallas", "splash"),
-            "gpu": ("xla", "blockwise", "pallas", "cudnn")}.get(backend, ("xla", "blockwise"))
 
 
 def measure(impl: str, length: int, causal: bool, dtype: str = "float32", repeats: int = 3) -> dict:
@@ -52,6 +45,6 @@ def bench_attention(lengths: list[int], causal: bool, dtype: str | None = None) 
     backend = jax.default_backend()
     dtype = dtype or ("float32" if backend == "cpu" else "bfloat16")
     rows = [measure(impl, length, causal, dtype) for length in lengths
-            for impl in available_implementations(backend)]
+            for impl in native_implementations(backend)]
     return {"bench": "attention", "backend": backend, "dtype": dtype, "heads": HEADS, "head_dim": HEAD_DIM,
             "batch": 1, "rows": rows}

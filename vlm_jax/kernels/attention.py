@@ -38,6 +38,17 @@ def check_backend(impl: str, backend: str | None = None) -> None:
                          f"{backend}")
 
 
+def native_implementations(backend: str) -> tuple[str, ...]:
+    """The implementations this backend runs compiled (on CPU the Pallas kernel only runs interpreted)."""
+    return tuple(impl for impl in IMPLEMENTATIONS if impl != "auto" and backend in BACKENDS.get(impl, (backend,))
+                 and not (impl == "pallas" and _PALLAS_PLATFORM[backend] == "interpret"))
+
+
+def _tpu_resident_bytes(k: jax.Array) -> int:
+    """VMEM the Pallas kernel holds per program on TPU for these keys."""
+    return resident_bytes(k.shape[1], k.shape[-1], k.dtype.itemsize)
+
+
 def _cudnn_refusal(q: jax.Array, mask: MaskSpec | None) -> str | None:
     """Why cuDNN cannot take this call, or None."""
     if q.dtype not in (jnp.bfloat16, jnp.float16):
@@ -54,11 +65,10 @@ def choose(impl: str, q: jax.Array, k: jax.Array, mask: MaskSpec | None, dense_m
     check_backend(impl, backend)
     if impl != "auto":
         return impl
-    length_k, dim = k.shape[1], k.shape[-1]
-    if dense_mask or length_k <= SHORT_SEQUENCE:
+    if dense_mask or k.shape[1] <= SHORT_SEQUENCE:
         return "xla"
     if backend == "tpu":
-        if resident_bytes(length_k, dim, k.dtype.itemsize) <= TPU_RESIDENT_BUDGET:
+        if _tpu_resident_bytes(k) <= TPU_RESIDENT_BUDGET:
             return "pallas"
         return "splash" if mask is None or mask.prefix_len_B is None else "blockwise"
     if backend == "gpu":
@@ -101,7 +111,7 @@ def dot_product_attention(
         return blockwise_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask)
     if impl == "pallas":
         platform = _PALLAS_PLATFORM[jax.default_backend()]
-        needed = resident_bytes(k_BxSxKxD.shape[1], k_BxSxKxD.shape[-1], k_BxSxKxD.dtype.itemsize)
+        needed = _tpu_resident_bytes(k_BxSxKxD)
         if platform == "tpu" and needed > TPU_RESIDENT_BUDGET:
             raise ValueError(f"attention_impl 'pallas' keeps one head's keys and values in VMEM ({needed / 2**20:.0f} "
                              f"MiB at {k_BxSxKxD.shape[1]} keys, budget {TPU_RESIDENT_BUDGET / 2**20:.0f} MiB); "

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.kernels.masks import MaskSpec
+from vlm_jax.kernels.padding import pad_to, round_up
 
 _NEG = -1e30  # finite "minus infinity": fully masked rows stay NaN-free
 
@@ -25,10 +26,9 @@ def blockwise_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: j
     length_k, kv_heads = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
     groups = heads // kv_heads
     block = min(block_size, length_k)
-    padded = -(-length_k // block) * block
-    pad = ((0, 0), (0, padded - length_k), (0, 0), (0, 0))
-    k_blocks = jnp.pad(k_BxSxKxD, pad).reshape(batch, padded // block, block, kv_heads, dim)
-    v_blocks = jnp.pad(v_BxSxKxD, pad).reshape(batch, padded // block, block, kv_heads, dim)
+    padded = round_up(length_k, block)
+    k_blocks = pad_to(k_BxSxKxD, {1: padded}).reshape(batch, padded // block, block, kv_heads, dim)
+    v_blocks = pad_to(v_BxSxKxD, {1: padded}).reshape(batch, padded // block, block, kv_heads, dim)
     q_BxTxKxGxD = q_BxTxHxD.reshape(batch, length_q, kv_heads, groups, dim) * dim ** -0.5
 
     @jax.checkpoint

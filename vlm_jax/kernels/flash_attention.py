@@ -23,6 +23,7 @@ from jax.experimental import pallas as pl
 
 from vlm_jax.kernels.flash_masks import BlockMask, build_block_mask
 from vlm_jax.kernels.masks import MaskSpec
+from vlm_jax.kernels.padding import pad_to, round_up
 
 PLATFORMS = ("interpret", "tpu", "gpu")
 _NEG = -1e30
@@ -50,15 +51,11 @@ class _Tiling:
     segments: bool
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def _tiling(q_shape, k_shape, has_segments: bool, platform: str, block: int) -> _Tiling:
     length_q, length_k = q_shape[2], k_shape[2]
     block_q = min(block, max(16, pl.next_power_of_2(length_q)))
     block_k = block if platform == "tpu" else min(block, max(16, pl.next_power_of_2(length_k)))
-    padded_q, padded_k = _round_up(length_q, block_q), _round_up(length_k, block_k)
+    padded_q, padded_k = round_up(length_q, block_q), round_up(length_k, block_k)
     if platform == "gpu":  # Triton blocks are powers of two, and one block spans the whole sequence
         padded_q, padded_k = pl.next_power_of_2(padded_q), pl.next_power_of_2(padded_k)
     return _Tiling(block_q, block_k, padded_q, padded_k, q_shape[1] // k_shape[1], q_shape[3] ** -0.5,
@@ -68,7 +65,7 @@ def _tiling(q_shape, k_shape, has_segments: bool, platform: str, block: int) -> 
 def resident_bytes(length_k: int, head_dim: int, itemsize: int, block: int = 128) -> int:
     """VMEM one program holds on TPU: the key and value (or query and output-gradient) rows of one head,
     double-buffered."""
-    return 2 * 2 * _round_up(length_k, block) * head_dim * itemsize
+    return 2 * 2 * round_up(length_k, block) * head_dim * itemsize
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -80,6 +77,12 @@ def _visible(limit_Qx1, key_block, q_segments_Qx1, kv_segments_ref, block_k: int
     if kv_segments_ref is not None:
         visible = visible & (q_segments_Qx1 == kv_segments_ref[pl.ds(key_block, 1), :])
     return visible
+
+
+def _key_block(k_ref, v_ref, j, t: _Tiling):
+    """Keys and values of key block `j` from the resident rows of one head."""
+    rows = pl.ds(pl.multiple_of(j * t.block_k, t.block_k), t.block_k)
+    return k_ref[rows, :], v_ref[rows, :]
 
 
 def _split_mask_refs(refs, segments: bool):
@@ -96,8 +99,7 @@ def _forward_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs,
 
     def visit(j, carry):
         row_max, row_sum, acc = carry
-        start = pl.multiple_of(j * t.block_k, t.block_k)
-        k, v = k_ref[pl.ds(start, t.block_k), :], v_ref[pl.ds(start, t.block_k), :]
+        k, v = _key_block(k_ref, v_ref, j, t)
         logits = _dot(q, k, _NT)
         visible = _visible(limit, j, q_segments, kv_segment_ref, t.block_k)
         logits = jnp.where(visible, logits * t.scale, _NEG)
@@ -131,8 +133,7 @@ def _dq_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: _
     q_segments = None if q_segment_ref is None else q_segment_ref[...]
 
     def visit(j, dq):
-        start = pl.multiple_of(j * t.block_k, t.block_k)
-        k, v = k_ref[pl.ds(start, t.block_k), :], v_ref[pl.ds(start, t.block_k), :]
+        k, v = _key_block(k_ref, v_ref, j, t)
         visible = _visible(limit, j, q_segments, kv_segment_ref, t.block_k)
         _, d_logits = _probs_and_dlogits(q, k, v, d_out, lse, delta, visible, t)
         return dq + _dot(d_logits.astype(k.dtype), k, _NN)
@@ -184,7 +185,7 @@ def _pallas(kernel, t: _Tiling, grid, tables, inputs, in_specs, out_shapes, out_
     if t.platform == "gpu":
         from jax.experimental.pallas import triton as pltriton
         params, interpret = pltriton.CompilerParams(num_warps=4, num_stages=2), False
-        tables = [jnp.pad(x, (0, pl.next_power_of_2(x.size) - x.size)) for x in tables]
+        tables = [pad_to(x, {0: pl.next_power_of_2(x.size)}) for x in tables]
     else:
         params, interpret = None, True
     table_specs = [pl.BlockSpec(x.shape, lambda *_: (0,)) for x in tables]
@@ -206,11 +207,18 @@ def _mask_inputs(masks: BlockMask, t: _Tiling, query_blocked: bool):
     return arrays, specs
 
 
-def _forward(q, k, v, masks: BlockMask, t: _Tiling):
-    batch, heads, _, dim = q.shape
+def _query_blocked_specs(t: _Tiling, dim: int):
+    """Block specs of the grids that walk query blocks (forward, dq): a query tile, one head's whole keys or
+    values (shared by the G query heads of a group), a per-row statistics tile."""
     q_tile = pl.BlockSpec((None, None, t.block_q, dim), lambda b, h, i, *_: (b, h, i, 0))
     kv_all = pl.BlockSpec((None, None, t.padded_k, dim), lambda b, h, i, *_: (b, jax.lax.div(h, t.groups), 0, 0))
     stat_tile = pl.BlockSpec((None, None, t.block_q, 1), lambda b, h, i, *_: (b, h, i, 0))
+    return q_tile, kv_all, stat_tile
+
+
+def _forward(q, k, v, masks: BlockMask, t: _Tiling):
+    batch, heads, _, dim = q.shape
+    q_tile, kv_all, stat_tile = _query_blocked_specs(t, dim)
     mask_arrays, mask_specs = _mask_inputs(masks, t, query_blocked=True)
     return _pallas(
         _forward_kernel, t, (batch, heads, t.padded_q // t.block_q), (masks.kv_range_lo, masks.kv_range_hi),
@@ -222,9 +230,7 @@ def _forward(q, k, v, masks: BlockMask, t: _Tiling):
 def _backward(q, k, v, masks: BlockMask, t: _Tiling, out, lse, d_out):
     batch, heads, _, dim = q.shape
     delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1, keepdims=True)
-    q_tile = pl.BlockSpec((None, None, t.block_q, dim), lambda b, h, i, *_: (b, h, i, 0))
-    kv_all = pl.BlockSpec((None, None, t.padded_k, dim), lambda b, h, i, *_: (b, jax.lax.div(h, t.groups), 0, 0))
-    stat_tile = pl.BlockSpec((None, None, t.block_q, 1), lambda b, h, i, *_: (b, h, i, 0))
+    q_tile, kv_all, stat_tile = _query_blocked_specs(t, dim)
     mask_arrays, mask_specs = _mask_inputs(masks, t, query_blocked=True)
     dq = _pallas(
         _dq_kernel, t, (batch, heads, t.padded_q // t.block_q), (masks.kv_range_lo, masks.kv_range_hi),
@@ -278,8 +284,8 @@ def flash_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.A
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q_BxTxHxD, k_BxSxKxD, v_BxSxKxD))
     t = _tiling(q.shape, k.shape, mask.q_segment_ids_BxT is not None, platform, block)
     padded_dim = pl.next_power_of_2(max(dim, 16)) if platform == "gpu" else dim
-    q = jnp.pad(q, ((0, 0), (0, 0), (0, t.padded_q - length_q), (0, padded_dim - dim)))
-    k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, t.padded_k - length_k), (0, padded_dim - dim))) for x in (k, v))
+    q = pad_to(q, {2: t.padded_q, 3: padded_dim})
+    k, v = (pad_to(x, {2: t.padded_k, 3: padded_dim}) for x in (k, v))
     masks = build_block_mask(mask, batch, length_q, length_k, t.padded_q, t.padded_k, t.block_q, t.block_k)
     out = _flash(q, k, v, masks, t)
     return jnp.swapaxes(out[:, :, :length_q, :dim], 1, 2)

@@ -15,7 +15,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.kernels.masks import MaskSpec
+from vlm_jax.kernels.masks import MaskSpec, unmatchable_padding
+from vlm_jax.kernels.padding import pad_to
 
 _BIG = 2**30
 
@@ -35,12 +36,12 @@ class BlockMask(NamedTuple):
 def check_prefix(mask: MaskSpec, length: int) -> None:
     """One-line error for a prefix longer than the sequence (checked when the lengths are concrete)."""
     prefix = mask.prefix_len_B
-    if prefix is None or isinstance(prefix, jax.core.Tracer):
+    if prefix is None or isinstance(prefix, jax.core.Tracer) or prefix.size == 0:
         return
-    longest = int(jnp.max(prefix)) if prefix.size else 0
-    if longest > length or (prefix.size and int(jnp.min(prefix)) < 0):
-        raise ValueError(f"prefix length {longest if longest > length else int(jnp.min(prefix))} is outside "
-                         f"the sequence of {length} tokens")
+    shortest, longest = int(jnp.min(prefix)), int(jnp.max(prefix))
+    if longest > length or shortest < 0:
+        raise ValueError(f"prefix length {longest if longest > length else shortest} is outside the sequence "
+                         f"of {length} tokens")
 
 
 def _ranges(table_BxQxN: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -76,13 +77,13 @@ def build_block_mask(mask: MaskSpec, batch: int, length_q: int, length_k: int, p
     table = key_starts_N[None, None] < limit_BxT.reshape(batch, blocks_q, block_q).max(-1)[..., None]
     q_segments = kv_segments = None
     if mask.q_segment_ids_BxT is not None:
-        q_ids = jnp.pad(mask.q_segment_ids_BxT.astype(jnp.int32), ((0, 0), (0, padded_q - length_q)))
-        kv_ids = jnp.pad(mask.kv_segment_ids_BxS.astype(jnp.int32), ((0, 0), (0, padded_k - length_k)))
+        q_ids = pad_to(mask.q_segment_ids_BxT.astype(jnp.int32), {1: padded_q})
+        kv_ids = pad_to(mask.kv_segment_ids_BxS.astype(jnp.int32), {1: padded_k})
         q_lo, q_hi = _segment_span(q_ids, block_q)
         k_lo, k_hi = _segment_span(kv_ids, block_k)
         table = table & (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
         q_segments = q_ids[..., None]
-        kv_segments = jnp.where(kv_ids > 0, kv_ids, -1).reshape(batch, blocks_k, block_k)  # padding: no match
+        kv_segments = unmatchable_padding(kv_ids).reshape(batch, blocks_k, block_k)
     kv_lo, kv_hi = _ranges(table)
     q_lo, q_hi = _ranges(jnp.swapaxes(table, 1, 2))
     return BlockMask(limit_BxT[..., None], q_segments, kv_segments, kv_lo, kv_hi, q_lo, q_hi)

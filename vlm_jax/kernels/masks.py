@@ -33,11 +33,18 @@ class MaskSpec:
             in_prefix = (k[None] < self.prefix_len_B[:, None, None]) & (q[None] < self.prefix_len_B[:, None, None])
             visible = visible | in_prefix
         if self.q_segment_ids_BxT is not None:
-            kv_ids = jnp.take(self.kv_segment_ids_BxS, jnp.minimum(k_positions_N, self.kv_segment_ids_BxS.shape[1] - 1),
-                              axis=1)
+            last = self.kv_segment_ids_BxS.shape[1] - 1
+            kv_ids = jnp.take(self.kv_segment_ids_BxS, jnp.minimum(k_positions_N, last), axis=1)
             same = self.q_segment_ids_BxT[:, :, None] == kv_ids[:, None, :]
             visible = visible & same & (kv_ids[:, None, :] > 0)
         return visible
 
     def dense(self, length_q: int, length_k: int) -> jax.Array:
+        """bool [B or 1, T, S] for sequences of these lengths."""
         return self.visible(jnp.arange(length_q), jnp.arange(length_k))
+
+
+def unmatchable_padding(kv_segment_ids: jax.Array) -> jax.Array:
+    """Key segment ids with padding (0) replaced by -1, which no query carries: kernels that only test equal ids
+    then never let a query (not even a padding one) see a padding key."""
+    return jnp.where(kv_segment_ids > 0, kv_segment_ids, -1).astype(jnp.int32)

@@ -15,10 +15,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.kernels.masks import MaskSpec
+from vlm_jax.kernels.masks import MaskSpec, unmatchable_padding
+from vlm_jax.kernels.padding import pad_to, round_up
 
 BLOCK = 128
-_PADDING_KEY, _PADDING_QUERY = -1, -2
+_PADDING_KEY, _PADDING_QUERY = -1, -2  # padded positions: ids that match nothing
 
 
 @functools.lru_cache(maxsize=64)
@@ -39,10 +40,8 @@ def _segment_ids(mask: MaskSpec, batch: int, length_q: int, length_k: int, padde
         kv_ids = jnp.ones((batch, length_k), jnp.int32)
     else:
         q_ids = mask.q_segment_ids_BxT.astype(jnp.int32)
-        kv_ids = jnp.where(mask.kv_segment_ids_BxS > 0, mask.kv_segment_ids_BxS, _PADDING_KEY).astype(jnp.int32)
-    q_ids = jnp.pad(q_ids, ((0, 0), (0, padded_q - length_q)), constant_values=_PADDING_QUERY)
-    kv_ids = jnp.pad(kv_ids, ((0, 0), (0, padded_k - length_k)), constant_values=_PADDING_KEY)
-    return q_ids, kv_ids
+        kv_ids = unmatchable_padding(mask.kv_segment_ids_BxS)
+    return pad_to(q_ids, {1: padded_q}, _PADDING_QUERY), pad_to(kv_ids, {1: padded_k}, _PADDING_KEY)
 
 
 def splash_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask: MaskSpec,
@@ -53,10 +52,9 @@ def splash_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.
         raise ValueError("attention_impl 'splash' has no per-example prefix-LM mask; use 'pallas'")
     batch, length_q, heads, dim = q_BxTxHxD.shape
     length_k, kv_heads = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
-    padded_q, padded_k = -(-length_q // BLOCK) * BLOCK, -(-length_k // BLOCK) * BLOCK
-    q = jnp.pad(q_BxTxHxD * jnp.asarray(dim ** -0.5, q_BxTxHxD.dtype),
-                ((0, 0), (0, padded_q - length_q), (0, 0), (0, 0)))
-    k, v = (jnp.pad(x, ((0, 0), (0, padded_k - length_k), (0, 0), (0, 0))) for x in (k_BxSxKxD, v_BxSxKxD))
+    padded_q, padded_k = round_up(length_q, BLOCK), round_up(length_k, BLOCK)
+    q = pad_to(q_BxTxHxD * jnp.asarray(dim ** -0.5, q_BxTxHxD.dtype), {1: padded_q})
+    k, v = (pad_to(x, {1: padded_k}) for x in (k_BxSxKxD, v_BxSxKxD))
     q_ids, kv_ids = _segment_ids(mask, batch, length_q, length_k, padded_q, padded_k)
     groups = heads // kv_heads
     kernel = _kernel(padded_q, padded_k, groups if groups > 1 else heads, groups > 1, mask.causal, interpret)
