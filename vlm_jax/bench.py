@@ -5,6 +5,7 @@
     python -m vlm_jax.bench data --config=configs/bench/data_256.py [--batches=60 --warmup=10]
         [--peer=open_clip --peer-python=.venv-peer/bin/python]
     python -m vlm_jax.bench compile --config=configs/bench/siglip_s16.py --topology=v5p-256 [--config.key=value]
+        (exit code 1 when the step does not fit the chip's HBM)
     python -m vlm_jax.bench attention [--lengths=1024,4096,16384] [--causal] [--dtype=bfloat16]
 
 With --peer, the peer (its train step, or its webdataset loader on the same shards) is timed right after ours
@@ -26,10 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.bench_attention import bench_attention
-from vlm_jax.bench_compile import bench_compile
+from vlm_jax.bench_compile import bench_compile, does_not_fit
 from vlm_jax.bench_data import bench_data
 from vlm_jax.config import ConfigError, load_config
-from vlm_jax.flops import two_towers_train_flops_per_sample
 from vlm_jax.parallel.mesh import make_mesh
 from vlm_jax.parallel.sharding import batch_sharding, to_global_batch
 from vlm_jax.tasks import get_task
@@ -85,7 +85,7 @@ def bench_step(config, steps: int) -> dict:
 
     step_s = median_seconds(one_step, steps)
     peak = matmul_peak_flops()
-    flops_per_sample = two_towers_train_flops_per_sample(config.model)
+    flops_per_sample = task.train_flops_per_sample()
     achieved = flops_per_sample * config.batch_size / step_s
     return {
         "bench": "step", "backend": jax.default_backend(), "devices": jax.device_count(),
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--peer-python", default=".venv-peer/bin/python")
     compile_ = commands.add_parser("compile", help="per-device memory of the train step on a TPU topology")
     compile_.add_argument("--config", required=True)
-    compile_.add_argument("--topology", required=True, help="e.g. v5p-256, v4-64, v5e-16, v6e-256")
+    compile_.add_argument("--topology", required=True, help="e.g. v5p-256, v5e-16, v6e-256, or v5p:4x4x8")
     attention = commands.add_parser("attention", help="attention time and memory per implementation")
     attention.add_argument("--lengths", default="1024,4096,16384")
     attention.add_argument("--causal", action="store_true")
@@ -148,9 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             report = bench_compile(args.config, overrides, args.topology)
         except (ConfigError, ValueError, RuntimeError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
             return 2
         print(json.dumps({"config": args.config, **report}), flush=True)
+        verdict = does_not_fit(report)
+        if verdict:
+            print(f"error: {verdict}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "data":
         peer_python = args.peer_python if args.peer else None

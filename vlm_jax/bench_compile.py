@@ -1,70 +1,28 @@
-"""Ahead-of-time compile of the train step for a target topology (`python -m vlm_jax.bench compile`).
+"""Ahead-of-time compile of the train step for a TPU topology (`python -m vlm_jax.bench compile`).
 
-With jax's TPU support installed (libtpu), the step is compiled for the named topology's real devices
-(`jax.experimental.topologies`). Without it, the same number of devices is simulated on CPU in a child process
-(said in the output as "simulated": layouts and per-device bytes are those of the sharded program, but
-temporary-buffer sizes come from XLA:CPU's scheduler, not the TPU compiler).
+With jax's TPU support installed (the `tpu` extra: libtpu), the step is compiled by the real TPU compiler
+for the named topology's devices (`parallel/topology.py`), Mosaic kernels included, from any host. The report
+gives the compiler's per-device HBM figures, its FLOP and byte counts next to the analytic model FLOPs, and a
+roofline lower bound on the step time from the chip's published peaks (compute or HBM traffic, whichever is
+slower; inter-chip communication is not modelled). Without libtpu, the same device count is simulated on CPU in
+a child process and the output says so: shardings and per-device argument bytes are those of the sharded
+program, but temporaries and costs come from XLA:CPU.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import math
 import os
-import re
 import subprocess
 import sys
 
-GIB = 2**30
+from vlm_jax.parallel.topology import GIB, Topology, parse_topology, tpu_devices
 
 
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    cores_per_chip: int  # TPU names count TensorCores for v4 / v5p, chips for v5e / v6e
-    hbm_bytes: int
-    topology_prefix: str
-
-
-CHIPS = {
-    "v4": Chip(2, 32 * GIB, "v4"),
-    "v5p": Chip(2, 95 * GIB, "v5p"),
-    "v5e": Chip(1, 16 * GIB, "v5e"),
-    "v6e": Chip(1, 32 * GIB, "v6e"),
-}
-
-
-def parse_topology(name: str) -> tuple[str, int]:
-    """'v5p-256' -> ('v5p', 128 chips)."""
-    match = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", name)
-    if not match:
-        raise ValueError(f"unknown topology {name!r}; use e.g. v5p-256, v4-64, v5e-16, v6e-256")
-    generation, size = match.group(1), int(match.group(2))
-    chips = size // CHIPS[generation].cores_per_chip
-    if chips < 1 or size % CHIPS[generation].cores_per_chip:
-        raise ValueError(f"topology {name!r} does not name whole chips")
-    return generation, chips
-
-
-def tpu_devices(generation: str, chips: int):
-    """The abstract devices of a TPU topology, or None when jax has no TPU support here."""
-    from jax.experimental import topologies
-    try:
-        return topologies.get_topology_desc(f"{generation}-{chips * CHIPS[generation].cores_per_chip}",
-                                            "tpu").devices
-    except (RuntimeError, ValueError):
-        return None
-
-
-def leaf_bytes_per_device(abstract_tree, shardings) -> int:
-    import jax
-    from vlm_jax.parallel.sharding import shard_factor
-    return sum(leaf.size * leaf.dtype.itemsize // shard_factor(sharding) for leaf, sharding in
-               zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)))
-
-
-def compile_report(config, devices) -> dict:
-    """Per-device bytes of parameters, optimizer state and temporaries of the compiled train step."""
-    import jax
+def lower_train_step(config, devices):
+    """(task, layout, mesh, jax.stages.Lowered) of the train step of `config` on a mesh over `devices`; the
+    kernels and `auto` attention follow the devices' platform."""
     from vlm_jax.parallel.mesh import make_mesh
     from vlm_jax.parallel.sharding import batch_sharding
     from vlm_jax.tasks import get_task
@@ -76,10 +34,23 @@ def compile_report(config, devices) -> dict:
     task = get_task(config, mesh)
     layout = make_state_layout(task, config, mesh)
     step = make_train_step(task, layout, sharding, config.microbatches)
-    image, length = config.model.image.image_size, config.model.text.max_len
-    batch = {"image": jax.ShapeDtypeStruct((config.batch_size, image, image, 3), jax.numpy.uint8, sharding=sharding),
-             "text": jax.ShapeDtypeStruct((config.batch_size, length), jax.numpy.int32, sharding=sharding)}
-    memory = step.lower(layout.abstract_state, batch).compile().memory_analysis()
+    return task, layout, mesh, step.lower(layout.abstract_state, task.abstract_batch(config.batch_size, sharding))
+
+
+def leaf_bytes_per_device(abstract_tree, shardings) -> int:
+    import jax
+    from vlm_jax.parallel.sharding import shard_factor
+    return sum(leaf.size * leaf.dtype.itemsize // shard_factor(sharding) for leaf, sharding in
+               zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)))
+
+
+def compile_report(config, devices) -> dict:
+    """Per-device bytes, the compiler's FLOPs and bytes accessed, and the model FLOPs of the train step."""
+    task, layout, mesh, lowered = lower_train_step(config, devices)
+    compiled = lowered.compile()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return {
         "devices": len(devices), "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "params_bytes_per_device": leaf_bytes_per_device(layout.abstract_state["params"], layout.shardings["params"]),
@@ -89,27 +60,62 @@ def compile_report(config, devices) -> dict:
         "temp_bytes_per_device": memory.temp_size_in_bytes,
         "output_bytes_per_device": memory.output_size_in_bytes,
         "aliased_bytes_per_device": memory.alias_size_in_bytes,
+        "compiler_flops_per_device": float(cost.get("flops", 0.0)),
+        "compiler_bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
+        "model_flops_per_device": task.train_flops_per_sample() * config.batch_size / len(devices),
     }
 
 
-def bench_compile(config_spec: str, overrides: list[str], topology: str) -> dict:
-    """The report for `topology`; simulates its device count on CPU in a child process if needed."""
+def roofline(report: dict, topology: Topology) -> dict:
+    """Lower bound on the step time from the chip's peaks, and the MFU ceiling it implies."""
+    chip, per_device = topology.chip, topology.chips / report["devices"]  # chips per device (v4: 1/2)
+    peak_flops, bandwidth = chip.peak_bf16_flops * per_device, chip.hbm_bytes_per_s * per_device
+    compute_s = report["compiler_flops_per_device"] / peak_flops
+    memory_s = report["compiler_bytes_accessed_per_device"] / bandwidth
+    bound_s = max(compute_s, memory_s)
+    return {
+        "compiler_vs_model_flops": round(report["compiler_flops_per_device"] / report["model_flops_per_device"], 3),
+        "peak_flops_per_device": peak_flops, "hbm_bytes_per_s_per_device": bandwidth,
+        "roofline_compute_s": round(compute_s, 6), "roofline_memory_s": round(memory_s, 6),
+        "step_time_lower_bound_s": round(bound_s, 6), "bound_by": "compute" if compute_s >= memory_s else "memory",
+        "mfu_ceiling": round(report["model_flops_per_device"] / (bound_s * peak_flops), 3) if bound_s else None,
+    }
+
+
+def num_slices(config) -> int:
+    from vlm_jax.parallel.mesh import dcn_shape
+    return math.prod(dcn_shape(config.mesh))
+
+
+def bench_compile(config_spec: str, overrides: list[str], topology_name: str) -> dict:
+    """The report for `topology_name` (TopologyError for an unknown name); simulated on CPU without libtpu."""
     from vlm_jax.config import load_config
-    generation, chips = parse_topology(topology)
-    chip = CHIPS[generation]
+    topology = parse_topology(topology_name)
     config = load_config(config_spec, overrides)
-    devices = tpu_devices(generation, chips)
-    if devices is not None:
-        report = {**compile_report(config, devices), "compiled_for": "tpu"}
+    slices = num_slices(config)
+    try:
+        devices = tpu_devices(topology, slices)
+    except RuntimeError as e:  # no TPU support in this jax install
+        report = simulate(config_spec, overrides, topology.chips * slices, str(e))
     else:
-        report = simulate(config_spec, overrides, chips)
+        report = {**compile_report(config, devices), "compiled_for": f"tpu ({devices[0].device_kind})"}
+    hbm_per_device = topology.chip.hbm_bytes * topology.chips * slices // report["devices"]
     peak = (report["argument_bytes_per_device"] + report["output_bytes_per_device"]
             - report["aliased_bytes_per_device"] + report["temp_bytes_per_device"])
-    return {"bench": "compile", "topology": topology, "chips": chips, **report,
-            "peak_bytes_per_device": peak, "hbm_bytes_per_chip": chip.hbm_bytes, "fits": peak <= chip.hbm_bytes}
+    return {"bench": "compile", "topology": topology_name, "libtpu_topology": topology.libtpu_name,
+            "slices": slices, "chips": topology.chips * slices, **report, **roofline(report, topology),
+            "peak_bytes_per_device": peak, "hbm_bytes_per_device": hbm_per_device, "fits": peak <= hbm_per_device}
 
 
-def simulate(config_spec: str, overrides: list[str], devices: int) -> dict:
+def does_not_fit(report: dict) -> str | None:
+    """The one-line verdict for a step whose peak exceeds the chip's HBM, or None."""
+    if report["fits"]:
+        return None
+    return (f"does not fit: peak {report['peak_bytes_per_device'] / GIB:.2f} GiB > "
+            f"{report['hbm_bytes_per_device'] / GIB:.2f} GiB HBM per device")
+
+
+def simulate(config_spec: str, overrides: list[str], devices: int, why: str) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     command = [sys.executable, "-m", "vlm_jax.bench_compile", config_spec, *overrides]
@@ -117,7 +123,7 @@ def simulate(config_spec: str, overrides: list[str], devices: int) -> dict:
     if result.returncode:
         raise RuntimeError(f"simulated compile failed: {result.stderr.strip().splitlines()[-1:]}")
     return {**json.loads(result.stdout.strip().splitlines()[-1]),
-            "compiled_for": f"cpu (simulated {devices} devices: no TPU support in this jax install)"}
+            "compiled_for": f"cpu (simulated {devices} devices; not the TPU compiler: {why})"}
 
 
 if __name__ == "__main__":  # the child process of `simulate`

@@ -4,7 +4,9 @@ Implementations: "xla" (einsum + softmax, T x S logits), "blockwise" (scan over 
 softmax, linear memory; blockwise.py), "pallas" (our fused kernel; flash_attention.py: Mosaic on TPU, Triton
 on GPU, interpret mode on CPU), "splash" (jax's TPU kernel; splash.py), "cudnn" (`jax.nn.dot_product_attention`
 with cuDNN) and "auto", which picks one from the backend, the lengths, the dtype and the mask when the layer is
-traced. Masks are structured (`MaskSpec`: causal, prefix-LM, segment ids) so every implementation can evaluate
+traced. The backend is that of the devices the program is compiled for (the mesh's, passed in by
+`parallel/sharded_attention.py`), so an ahead-of-time compile for TPU from a CPU host embeds the Mosaic
+kernel. Masks are structured (`MaskSpec`: causal, prefix-LM, segment ids) so every implementation can evaluate
 them per block; "xla" also takes a dense boolean mask.
 
 Shape key: B batch, T query length, S key length, H query heads, K key/value heads (H = K x G), D head dim.
@@ -16,16 +18,15 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.kernels.blockwise import blockwise_attention
-from vlm_jax.kernels.flash_attention import flash_attention, resident_bytes
+from vlm_jax.kernels.flash_attention import flash_attention
 from vlm_jax.kernels.flash_masks import check_prefix
 from vlm_jax.kernels.masks import MaskSpec
 from vlm_jax.kernels.splash import splash_attention
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "pallas", "splash", "cudnn")
 BACKENDS = {"splash": ("tpu",), "cudnn": ("gpu",)}
-SHORT_SEQUENCE = 1024            # "auto": up to this many keys the plain XLA path is as good as any kernel
-TPU_RESIDENT_BUDGET = 24 * 2**20  # "auto"/"pallas" on TPU: VMEM one head's keys and values may take
-_PALLAS_PLATFORM = {"tpu": "tpu", "gpu": "gpu", "cpu": "interpret"}
+SHORT_SEQUENCE = 1024  # "auto": up to this many keys the plain XLA path is as good as any kernel
+PALLAS_PLATFORM = {"tpu": "tpu", "gpu": "gpu", "cpu": "interpret"}  # backend -> where the Pallas kernel runs
 
 
 def check_backend(impl: str, backend: str | None = None) -> None:
@@ -41,12 +42,7 @@ def check_backend(impl: str, backend: str | None = None) -> None:
 def native_implementations(backend: str) -> tuple[str, ...]:
     """The implementations this backend runs compiled (on CPU the Pallas kernel only runs interpreted)."""
     return tuple(impl for impl in IMPLEMENTATIONS if impl != "auto" and backend in BACKENDS.get(impl, (backend,))
-                 and not (impl == "pallas" and _PALLAS_PLATFORM[backend] == "interpret"))
-
-
-def _tpu_resident_bytes(k: jax.Array) -> int:
-    """VMEM the Pallas kernel holds per program on TPU for these keys."""
-    return resident_bytes(k.shape[1], k.shape[-1], k.dtype.itemsize)
+                 and not (impl == "pallas" and PALLAS_PLATFORM[backend] == "interpret"))
 
 
 def _cudnn_refusal(q: jax.Array, mask: MaskSpec | None) -> str | None:
@@ -60,17 +56,16 @@ def _cudnn_refusal(q: jax.Array, mask: MaskSpec | None) -> str | None:
 
 def choose(impl: str, q: jax.Array, k: jax.Array, mask: MaskSpec | None, dense_mask: bool,
            backend: str | None = None) -> str:
-    """The implementation a layer runs: `impl` itself, or what "auto" picks for these shapes."""
+    """The implementation a layer runs: `impl` itself, or what "auto" picks for these shapes on `backend`
+    (default: jax's default backend). Every choice compiles for its backend (tests/test_tpu_compile.py)."""
     backend = backend or jax.default_backend()
     check_backend(impl, backend)
     if impl != "auto":
         return impl
     if dense_mask or k.shape[1] <= SHORT_SEQUENCE:
         return "xla"
-    if backend == "tpu":
-        if _tpu_resident_bytes(k) <= TPU_RESIDENT_BUDGET:
-            return "pallas"
-        return "splash" if mask is None or mask.prefix_len_B is None else "blockwise"
+    if backend == "tpu":  # keys and values stream through VMEM: every mask, any length
+        return "pallas"
     if backend == "gpu":
         return "pallas" if _cudnn_refusal(q, mask) else "cudnn"
     return "blockwise"
@@ -96,12 +91,15 @@ def dot_product_attention(
     mask_BxTxS: jax.Array | None = None,
     mask: MaskSpec | None = None,
     impl: str = "xla",
+    backend: str | None = None,
 ) -> jax.Array:
-    """Softmax attention with float32 logits; returns [B, T, H, D] in the dtype of `q`."""
+    """Softmax attention with float32 logits; returns [B, T, H, D] in the dtype of `q`. `backend` is the
+    platform the program is compiled for (default: jax's default backend)."""
     _check_shapes(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask)
     if mask is not None:
         check_prefix(mask, k_BxSxKxD.shape[1])
-    impl = choose(impl, q_BxTxHxD, k_BxSxKxD, mask, mask_BxTxS is not None)
+    backend = backend or jax.default_backend()
+    impl = choose(impl, q_BxTxHxD, k_BxSxKxD, mask, mask_BxTxS is not None, backend)
     if impl == "xla":
         return _xla_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, mask)
     if mask_BxTxS is not None:
@@ -110,13 +108,7 @@ def dot_product_attention(
     if impl == "blockwise":
         return blockwise_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask)
     if impl == "pallas":
-        platform = _PALLAS_PLATFORM[jax.default_backend()]
-        needed = _tpu_resident_bytes(k_BxSxKxD)
-        if platform == "tpu" and needed > TPU_RESIDENT_BUDGET:
-            raise ValueError(f"attention_impl 'pallas' keeps one head's keys and values in VMEM ({needed / 2**20:.0f} "
-                             f"MiB at {k_BxSxKxD.shape[1]} keys, budget {TPU_RESIDENT_BUDGET / 2**20:.0f} MiB); "
-                             "use 'splash' or 'blockwise' for this length")
-        return flash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask, platform=platform)
+        return flash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask, platform=PALLAS_PLATFORM[backend])
     if impl == "splash":
         return splash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask)
     refusal = _cudnn_refusal(q_BxTxHxD, mask)

@@ -3,7 +3,9 @@
 GSPMD cannot split a Pallas, splash or cuDNN custom call, so left to itself it would gather the whole batch
 onto every device. Here the batch is split as the activations are (`activation_batch`) and the heads as the
 projections are (`heads`), and each device runs the kernel on its own slice; the XLA and blockwise paths stay
-with GSPMD. Keys are never split along the sequence (an axis sharded there is gathered first).
+with GSPMD. Keys are never split along the sequence (an axis sharded there is gathered first). The kernel
+and `auto`'s choice follow the platform of the mesh's devices, not the host's default backend, so a step
+compiled ahead of time for TPU devices from a CPU host carries the Mosaic kernel.
 
 Shape key: B batch, T query length, S key length, H query heads, K key/value heads, D head dim.
 """
@@ -31,10 +33,11 @@ def _axes_dividing(mesh, entry, size: int):
 def sharded_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
                       mask: MaskSpec | None, impl: str) -> jax.Array:
     """`dot_product_attention`, with kernels split over batch and heads of the active mesh."""
-    impl = choose(impl, q_BxTxHxD, k_BxSxKxD, mask, dense_mask=False)
     active = active_mesh()
+    backend = active[0].devices.flat[0].platform if active else jax.default_backend()
+    impl = choose(impl, q_BxTxHxD, k_BxSxKxD, mask, dense_mask=False, backend=backend)
     if impl not in KERNELS or active is None:
-        return dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask, impl=impl)
+        return dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask, impl=impl, backend=backend)
     mesh, rules = active
     batch = _axes_dividing(mesh, logical_to_mesh_spec(("activation_batch",), rules, mesh)[0], q_BxTxHxD.shape[0])
     heads = _axes_dividing(mesh, logical_to_mesh_spec(("heads",), rules, mesh)[0], k_BxSxKxD.shape[2])
@@ -43,7 +46,7 @@ def sharded_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax
     mask_specs = jax.tree.map(lambda x: PartitionSpec(batch, *[None] * (x.ndim - 1)), mask)
 
     def per_device(q, k, v, local_mask):
-        return dot_product_attention(q, k, v, mask=local_mask, impl=impl)
+        return dot_product_attention(q, k, v, mask=local_mask, impl=impl, backend=backend)
 
     return jax.shard_map(per_device, mesh=mesh, in_specs=(qkv, qkv, qkv, mask_specs), out_specs=qkv,
                          check_vma=False)(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask)

@@ -11,6 +11,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
+from vlm_jax.flops import two_towers_train_flops_per_sample
 from vlm_jax.models.text import TextConfig
 from vlm_jax.models.two_towers import TwoTowers
 from vlm_jax.models.vit import ViTConfig
@@ -34,6 +35,16 @@ class ContrastiveTask:
         if mesh is not None and config.model.loss_impl == "collective":
             spec = logical_to_mesh_spec(("batch",), config.sharding_rules, mesh)[0]
             self.loss_axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+
+    def abstract_batch(self, batch_size: int, sharding=None) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes and dtypes of one global batch as the input pipeline delivers it (uint8 images)."""
+        image, length = self.config.model.image.image_size, self.config.model.text.max_len
+        return {"image": jax.ShapeDtypeStruct((batch_size, image, image, 3), jnp.uint8, sharding=sharding),
+                "text": jax.ShapeDtypeStruct((batch_size, length), jnp.int32, sharding=sharding)}
+
+    def train_flops_per_sample(self) -> int:
+        """Analytic model FLOPs of one training example (forward + backward), the numerator of MFU."""
+        return two_towers_train_flops_per_sample(self.config.model)
 
     def build_model(self, rngs: nnx.Rngs) -> TwoTowers:
         m = self.config.model
