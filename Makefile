@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA := demo_out/data
 WORKDIR := demo_out/clip_tiny
 
-.PHONY: install demo test clean-demo peer-env
+.PHONY: install demo test test-fast clean-demo peer-env
 
 install: $(VENV)/.installed
 
@@ -26,8 +26,16 @@ demo: install $(DATA)/spm.model
 	$(BIN)/python -m vlm_jax.evaluate --workdir=$(WORKDIR)
 	@echo "Demo finished: metrics.jsonl, tensorboard/, checkpoints/ and eval_results.json are in $(WORKDIR)"
 
-test: install
+# The tests also need the TPU compiler (libtpu, about 700 MB): every kernel and train step is compiled for TPU.
+$(VENV)/.installed-tpu: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[test,tpu]'
+	touch $@
+
+test: $(VENV)/.installed-tpu
 	$(BIN)/python -m pytest -n 2 tests
+
+test-fast: $(VENV)/.installed-tpu  # the inner loop: everything but the end-to-end (slow) tests
+	$(BIN)/python -m pytest -n 2 -m "not slow" tests
 
 clean-demo:
 	rm -rf demo_out

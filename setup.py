@@ -27,6 +27,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4"],
+        # libtpu: the real TPU compiler, so programs compile for TPU topologies from any host (and run on TPU VMs)
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         "cloud": ["gcsfs", "s3fs"],  # gs:// and s3:// shards
         "hf": ["torch==2.13.0", "transformers>=5.0,<6", "safetensors>=0.5,<1"],
     },

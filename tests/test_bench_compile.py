@@ -1,4 +1,5 @@
-"""bench compile: topology names, and a simulated ahead-of-time compile reporting per-device bytes."""
+"""bench compile: topology names, the TPU compiler's report (HBM, FLOPs, roofline), the does-not-fit verdict,
+and the CPU simulation when libtpu is missing."""
 
 import json
 import os
@@ -7,27 +8,65 @@ import sys
 
 import pytest
 
-from vlm_jax.bench_compile import parse_topology
+from vlm_jax.parallel.topology import Topology, TopologyError, parse_topology
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_topology_names():
-    assert parse_topology("v5p-256") == ("v5p", 128)  # v5p counts TensorCores: 2 per chip
-    assert parse_topology("v5e-16") == ("v5e", 16)
-    with pytest.raises(ValueError, match="unknown topology 'tpu-9'"):
-        parse_topology("tpu-9")
+    assert parse_topology("v5p-256") == Topology("v5p", 128, "4x4x8")  # v5p names count TensorCores: 2 a chip
+    assert parse_topology("v6e-256") == Topology("v6e", 256, "16x16")
+    assert parse_topology("v5e-8") == Topology("v5e", 8, "2x4")
+    assert parse_topology("v5p:2x2x2") == Topology("v5p", 8, "2x2x2")
+    for bad in ("tpu-9", "v5p-7", "v6e-3", "v5e:2x2x2"):
+        with pytest.raises(TopologyError, match=f"unknown TPU topology '{bad}'; known names: v4-8, .*v5p-256"):
+            parse_topology(bad)
+
+
+def bench_compile(*args, env=None):
+    result = subprocess.run([sys.executable, "-m", "vlm_jax.bench", "compile", *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    lines = result.stdout.strip().splitlines()
+    return result.returncode, json.loads(lines[-1]) if lines else None, result.stderr.strip().splitlines()
 
 
 @pytest.mark.slow
-def test_simulated_compile_reports_bytes_per_device():
-    result = subprocess.run(
-        [sys.executable, "-m", "vlm_jax.bench", "compile", "--config=configs/demo/clip_tiny.py",
-         "--topology=v5e-8", "--config.mesh.fsdp=8", "--config.mesh.data=1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["compiled_for"].startswith("cpu (simulated 8 devices")
+def test_report_comes_from_the_tpu_compiler():
+    code, report, _ = bench_compile("--config=configs/demo/clip_tiny.py", "--topology=v5e-8",
+                                    "--config.mesh.fsdp=8", "--config.mesh.data=1")
+    assert code == 0
+    assert report["compiled_for"] == "tpu (TPU v5 lite)" and report["libtpu_topology"] == "v5e:2x4"
     assert report["mesh"]["fsdp"] == 8 and report["fits"] is True
     assert report["opt_state_bytes_per_device"] == pytest.approx(2 * report["params_bytes_per_device"], rel=0.1)
     assert report["argument_bytes_per_device"] >= report["params_bytes_per_device"]
+    assert 0.8 < report["compiler_vs_model_flops"] < 1.5  # XLA's count against the analytic model FLOPs
+    assert report["step_time_lower_bound_s"] == max(report["roofline_compute_s"], report["roofline_memory_s"])
+    assert 0 < report["mfu_ceiling"] <= 1
+
+
+@pytest.mark.slow
+def test_a_step_that_does_not_fit_exits_1():
+    """A 50M-token vocabulary replicated on every chip: 19 GB of embeddings on a 16 GiB v5e."""
+    code, report, stderr = bench_compile("--config=configs/demo/clip_tiny.py", "--topology=v5e-4",
+                                         "--config.model.text.vocab_size=50000000", "--config.batch_size=4")
+    assert code == 1 and report["fits"] is False
+    assert stderr[-1].startswith("error: does not fit: peak ") and stderr[-1].endswith(" > 16.00 GiB HBM per device")
+
+
+def test_unknown_topology_is_one_line():
+    code, report, stderr = bench_compile("--config=configs/demo/clip_tiny.py", "--topology=v5p-7")
+    assert code == 2 and report is None
+    assert stderr[-1].startswith("error: unknown TPU topology 'v5p-7'; known names: v4-8")
+
+
+@pytest.mark.slow
+def test_simulates_on_cpu_without_libtpu(tmp_path):
+    """With libtpu unimportable the same device count is compiled on CPU, and the report says so."""
+    (tmp_path / "libtpu").mkdir()
+    (tmp_path / "libtpu" / "__init__.py").write_text("raise ImportError('libtpu hidden by the test')\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    code, report, _ = bench_compile("--config=configs/demo/clip_tiny.py", "--topology=v5e-8",
+                                    "--config.mesh.fsdp=8", "--config.mesh.data=1", env=env)
+    assert code == 0
+    assert report["compiled_for"].startswith("cpu (simulated 8 devices; not the TPU compiler: jax has no TPU")
+    assert report["mesh"]["fsdp"] == 8 and report["devices"] == 8

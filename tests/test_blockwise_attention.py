@@ -64,7 +64,7 @@ def test_dispatcher_errors_and_training_with_blockwise_attention():
 def test_bench_attention_rows():
     """On CPU the bench covers the two native paths (the Pallas kernel only runs interpreted here)."""
     from vlm_jax.bench_attention import bench_attention
-    result = bench_attention([64], causal=True)
+    result = bench_attention([64], "prefix")
     assert result["backend"] == "cpu" and result["dtype"] == "float32"
-    assert [row["impl"] for row in result["rows"]] == ["xla", "blockwise"]
+    assert [row["impl"] for row in result["rows"]] == ["xla", "blockwise"] and result["rows"][0]["mask"] == "prefix"
     assert all(row["fwd_bwd_ms"] > 0 and row["forward_temp_mib"] > 0 for row in result["rows"])

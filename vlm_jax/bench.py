@@ -6,7 +6,8 @@
         [--peer=open_clip --peer-python=.venv-peer/bin/python]
     python -m vlm_jax.bench compile --config=configs/bench/siglip_s16.py --topology=v5p-256 [--config.key=value]
         (exit code 1 when the step does not fit the chip's HBM)
-    python -m vlm_jax.bench attention [--lengths=1024,4096,16384] [--causal] [--dtype=bfloat16]
+    python -m vlm_jax.bench attention [--lengths=1024,4096,16384] [--mask=causal] [--dtype=bfloat16]
+    python -m vlm_jax.bench vmem [--lengths=16384,32768]      (TPU flash kernels' VMEM, from the TPU compiler)
 
 With --peer, the peer (its train step, or its webdataset loader on the same shards) is timed right after ours
 in the same run (in its own Python environment, see `make peer-env`) and the ratio is reported.
@@ -26,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.bench_attention import bench_attention
+from vlm_jax.bench_attention import MASKS, bench_attention
 from vlm_jax.bench_compile import bench_compile, does_not_fit
-from vlm_jax.bench_data import bench_data
+from vlm_jax.bench_vmem import bench_vmem
 from vlm_jax.config import ConfigError, load_config
 from vlm_jax.parallel.mesh import make_mesh
 from vlm_jax.parallel.sharding import batch_sharding, to_global_batch
@@ -128,13 +129,18 @@ def main(argv: list[str] | None = None) -> int:
     compile_.add_argument("--topology", required=True, help="e.g. v5p-256, v5e-16, v6e-256, or v5p:4x4x8")
     attention = commands.add_parser("attention", help="attention time and memory per implementation")
     attention.add_argument("--lengths", default="1024,4096,16384")
-    attention.add_argument("--causal", action="store_true")
+    attention.add_argument("--mask", choices=MASKS, default="full")
     attention.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                            help="default: float32 on CPU, bfloat16 on accelerators")
+    vmem = commands.add_parser("vmem", help="VMEM of the TPU flash kernels per generation, from the TPU compiler")
+    vmem.add_argument("--lengths", default="16384,32768")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "vmem":
+        print(json.dumps(bench_vmem([int(n) for n in args.lengths.split(",")])), flush=True)
+        return 0
     if args.command == "attention":
         lengths = [int(n) for n in args.lengths.split(",")]
-        print(json.dumps(bench_attention(lengths, args.causal, args.dtype)), flush=True)
+        print(json.dumps(bench_attention(lengths, args.mask, args.dtype)), flush=True)
         return 0
     overrides = [item[len("--config."):] for item in rest if item.startswith("--config.")]
     if len(overrides) != len(rest):
@@ -157,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     if args.command == "data":
+        from vlm_jax.bench_data import bench_data  # the input pipeline's packages (grain, OpenCV) only here
         peer_python = args.peer_python if args.peer else None
         print(json.dumps({"config": args.config, **bench_data(config, args.batches, args.warmup, peer_python)}),
               flush=True)

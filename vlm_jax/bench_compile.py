@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -45,29 +46,57 @@ def leaf_bytes_per_device(abstract_tree, shardings) -> int:
 
 
 def compile_report(config, devices) -> dict:
-    """Per-device bytes, the compiler's FLOPs and bytes accessed, and the model FLOPs of the train step."""
+    """Per-device bytes, the compiler's FLOPs and bytes accessed, and the model FLOPs of the train step. When
+    the TPU compiler refuses the step for lack of HBM, the bytes it asked for instead (see `_out_of_memory`)."""
+    import jax
     task, layout, mesh, lowered = lower_train_step(config, devices)
-    compiled = lowered.compile()
+    state_bytes = {
+        "params_bytes_per_device": leaf_bytes_per_device(layout.abstract_state["params"], layout.shardings["params"]),
+        "opt_state_bytes_per_device": leaf_bytes_per_device(layout.abstract_state["opt_state"],
+                                                            layout.shardings["opt_state"]),
+    }
+    report = {"devices": len(devices), "mesh": {k: int(v) for k, v in mesh.shape.items()}, **state_bytes,
+              "model_flops_per_device": task.train_flops_per_sample() * config.batch_size / len(devices)}
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        refusal = _out_of_memory(str(e))
+        if refusal is None:
+            raise
+        return {**report, **refusal, "argument_bytes_per_device": sum(state_bytes.values()),
+                "output_bytes_per_device": 0, "aliased_bytes_per_device": 0}
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return {
-        "devices": len(devices), "mesh": {k: int(v) for k, v in mesh.shape.items()},
-        "params_bytes_per_device": leaf_bytes_per_device(layout.abstract_state["params"], layout.shardings["params"]),
-        "opt_state_bytes_per_device": leaf_bytes_per_device(layout.abstract_state["opt_state"],
-                                                            layout.shardings["opt_state"]),
+        **report,
         "argument_bytes_per_device": memory.argument_size_in_bytes,
         "temp_bytes_per_device": memory.temp_size_in_bytes,
         "output_bytes_per_device": memory.output_size_in_bytes,
         "aliased_bytes_per_device": memory.alias_size_in_bytes,
         "compiler_flops_per_device": float(cost.get("flops", 0.0)),
         "compiler_bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
-        "model_flops_per_device": task.train_flops_per_sample() * config.batch_size / len(devices),
     }
 
 
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _out_of_memory(message: str) -> dict | None:
+    """The TPU compiler's refusal of a program that exceeds HBM ("the total memory required for HLO
+    temporaries (149.02G) exceeds available HBM (15.75G)"): its temporaries and its first line; else None."""
+    if "RESOURCE_EXHAUSTED" not in message or "HBM" not in message:
+        return None
+    match = re.search(r"temporaries \(([\d.]+)([KMGT]?)\)", message)
+    temp = int(float(match.group(1)) * _UNITS[match.group(2)]) if match else 0
+    return {"temp_bytes_per_device": temp, "compiler_error": message.strip().splitlines()[0]}
+
+
 def roofline(report: dict, topology: Topology) -> dict:
-    """Lower bound on the step time from the chip's peaks, and the MFU ceiling it implies."""
+    """Lower bound on the step time from the chip's peaks, and the MFU ceiling it implies (nothing for a
+    step the compiler refused)."""
+    if "compiler_flops_per_device" not in report:
+        return {}
     chip, per_device = topology.chip, topology.chips / report["devices"]  # chips per device (v4: 1/2)
     peak_flops, bandwidth = chip.peak_bf16_flops * per_device, chip.hbm_bytes_per_s * per_device
     compute_s = report["compiler_flops_per_device"] / peak_flops

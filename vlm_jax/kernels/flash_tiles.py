@@ -32,6 +32,7 @@ class Tiling:
     scale: float
     platform: str
     segments: bool
+    vmem_limit_bytes: int | None = None  # TPU: Mosaic's VMEM limit per kernel (None: the compiler's default)
 
     @property
     def blocks_q(self) -> int:

@@ -105,5 +105,7 @@ def tpu_devices(topology: Topology, num_slices: int = 1) -> list:
     except RuntimeError as e:
         if "not installed" in str(e):
             raise RuntimeError("jax has no TPU support here: install the tpu extra (pip install -e '.[tpu]')") from e
+        if "INVALID_ARGUMENT" not in str(e):  # e.g. another process holds libtpu's lockfile
+            raise RuntimeError(f"libtpu failed: {str(e).splitlines()[0]}") from e
         raise TopologyError(f"the installed libtpu does not know TPU topology {topology.libtpu_name!r}: "
                             f"{str(e).splitlines()[0]}; known names: {', '.join(known_names())}") from e

@@ -1,0 +1,68 @@
+"""The train step of every shipped config compiled by the real TPU compiler for v5e, v5p and v6e, on the mesh
+the config asks for; the fused kernel inside compiled steps; a data x fsdp x tensor mesh and a two-slice mesh.
+
+Model, parameters, optimizer state and mesh are as shipped; the batch is one example per data-parallel device,
+because the TPU compiler's time on this CPU grows with the batch (BENCH-S: 54 s at 4 examples, 289 s at 32 on
+v5e), while what compiles does not depend on it. `bench compile` compiles the shipped batch.
+"""
+
+import glob
+import os
+
+import pytest
+
+from vlm_jax.bench_compile import lower_train_step
+from vlm_jax.config import load_config
+from vlm_jax.parallel.mesh import resolve_mesh_shape
+from vlm_jax.parallel.topology import parse_topology, tpu_devices
+
+from tpu_targets import GENERATIONS, devices, mosaic_kernels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED_CONFIGS = sorted(os.path.relpath(path, ROOT) for path in glob.glob(f"{ROOT}/configs/**/*.py", recursive=True)
+                         if not os.path.basename(path).startswith("_"))
+DEMO = "configs/demo/clip_tiny.py"
+DEMO_ATTENTION_LAYERS = 3 + 2  # image and text blocks of the demo model
+
+
+def compile_step(config_path: str, target_devices, overrides=()):
+    """The compiled train step of a config on `target_devices`, one example per data-parallel device."""
+    config = load_config(os.path.join(ROOT, config_path), list(overrides))
+    sizes = dict(zip(("data", "fsdp", "sequence", "tensor"), resolve_mesh_shape(config.mesh, len(target_devices))))
+    config.batch_size = len(target_devices) // (sizes["sequence"] * sizes["tensor"])
+    return lower_train_step(config, target_devices)[-1].compile()
+
+
+def test_every_config_is_covered():
+    assert {DEMO, "configs/demo/siglip_tiny.py", "configs/bench/siglip_s16.py"} <= set(SHIPPED_CONFIGS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("generation", GENERATIONS)
+@pytest.mark.parametrize("config_path", SHIPPED_CONFIGS)
+def test_shipped_config_step_compiles_for_tpu(config_path, generation):
+    compiled = compile_step(config_path, devices(generation))
+    assert compiled.memory_analysis().argument_size_in_bytes > 0
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_compiled_step_holds_the_mosaic_kernel_where_pallas_is_chosen(generation):
+    """The kernel platform follows the mesh's devices (TPU), not this host's backend (CPU): forward, dq and
+    dk/dv Mosaic kernels for every attention layer."""
+    compiled = compile_step(DEMO, devices(generation), ["model.attention_impl=pallas"])
+    assert mosaic_kernels(compiled) == 3 * DEMO_ATTENTION_LAYERS
+    assert mosaic_kernels(compile_step(DEMO, devices(generation))) == 0  # auto: short sequences go to XLA
+
+
+def test_data_fsdp_tensor_mesh_compiles_with_the_kernel():
+    eight_chips = tpu_devices(parse_topology("v5e-8"))
+    compiled = compile_step(DEMO, eight_chips, ["model.attention_impl=pallas", "mesh.data=2", "mesh.fsdp=2",
+                                                "mesh.tensor=2"])
+    assert mosaic_kernels(compiled) == 3 * DEMO_ATTENTION_LAYERS
+
+
+def test_two_slice_mesh_compiles_with_the_kernel():
+    two_slices = devices("v5e", slices=2)
+    assert {device.slice_index for device in two_slices} == {0, 1}
+    compiled = compile_step(DEMO, two_slices, ["model.attention_impl=pallas", "mesh.dcn_data=2"])
+    assert mosaic_kernels(compiled) == 3 * DEMO_ATTENTION_LAYERS
