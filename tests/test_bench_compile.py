@@ -65,6 +65,7 @@ def test_simulates_on_cpu_without_libtpu(tmp_path):
     (tmp_path / "libtpu").mkdir()
     (tmp_path / "libtpu" / "__init__.py").write_text("raise ImportError('libtpu hidden by the test')\n")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    env.pop("TPU_LIBRARY_PATH", None)  # set by libtpu when an earlier test in this process imported it
     code, report, _ = bench_compile("--config=configs/demo/clip_tiny.py", "--topology=v5e-8",
                                     "--config.mesh.fsdp=8", "--config.mesh.data=1", env=env)
     assert code == 0

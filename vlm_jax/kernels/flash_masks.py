@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vlm_jax.kernels.masks import MaskSpec, unmatchable_padding
 from vlm_jax.kernels.padding import pad_to
@@ -38,7 +39,8 @@ def check_prefix(mask: MaskSpec, length: int) -> None:
     prefix = mask.prefix_len_B
     if prefix is None or isinstance(prefix, jax.core.Tracer) or prefix.size == 0:
         return
-    shortest, longest = int(jnp.min(prefix)), int(jnp.max(prefix))
+    prefix = np.asarray(prefix)  # a concrete array; numpy, so the check is not staged into an enclosing trace
+    shortest, longest = int(prefix.min()), int(prefix.max())
     if longest > length or shortest < 0:
         raise ValueError(f"prefix length {longest if longest > length else shortest} is outside the sequence "
                          f"of {length} tokens")
