@@ -66,3 +66,14 @@ def test_two_slice_mesh_compiles_with_the_kernel():
     assert {device.slice_index for device in two_slices} == {0, 1}
     compiled = compile_step(DEMO, two_slices, ["model.attention_impl=pallas", "mesh.dcn_data=2"])
     assert mosaic_kernels(compiled) == 3 * DEMO_ATTENTION_LAYERS
+
+
+def test_mesh_axes_may_split_physical_axes():
+    """data 32 x fsdp 8 on a 16 x 16 v6e-256: the fsdp axis takes half of a physical row."""
+    from configs.bench.siglip_s16 import get_config
+    from vlm_jax.parallel.mesh import make_mesh
+    mesh_config = get_config().mesh
+    mesh_config.data, mesh_config.fsdp = 32, 8
+    mesh = make_mesh(mesh_config, tpu_devices(parse_topology("v6e-256")))
+    assert dict(mesh.shape) == {"data": 32, "fsdp": 8, "sequence": 1, "tensor": 1}
+    assert len({device.id for device in mesh.devices.flat}) == 256

@@ -60,9 +60,10 @@ def _simulated_hybrid(ici: tuple[int, ...], dcn: tuple[int, ...], devices: list)
 
 def hybrid_device_array(ici: tuple[int, ...], dcn: tuple[int, ...], devices: list) -> np.ndarray:
     if len({getattr(device, "slice_index", 0) for device in devices}) > 1:
-        return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+        return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
     if jax.process_count() == math.prod(dcn):
-        return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=True)
+        return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=True,
+                                                    allow_split_physical_axes=True)
     return _simulated_hybrid(ici, dcn, devices)
 
 
@@ -73,7 +74,8 @@ def make_mesh(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | No
     if math.prod(dcn) > 1:
         device_array = hybrid_device_array(ici, dcn, devices)
     elif len(devices) > 1:
-        device_array = mesh_utils.create_device_mesh(ici, devices)
+        # a mesh axis may span part of a physical one (data 32 x fsdp 8 on a 16 x 16 v6e-256)
+        device_array = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
     else:
         device_array = np.array(devices).reshape(ici)
     return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
