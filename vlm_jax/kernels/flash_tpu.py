@@ -121,6 +121,7 @@ def _call(kernel, t: Tiling, grid, tables, inputs, in_specs, out_shapes, out_spe
     grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=2, grid=grid, in_specs=in_specs,
                                              out_specs=out_specs, scratch_shapes=scratch)
     return pl.pallas_call(functools.partial(kernel, t=t), out_shape=out_shapes, grid_spec=grid_spec,
+                          name=f"flash{kernel.__name__.removesuffix('_kernel')}",
                           compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS,
                                                                vmem_limit_bytes=t.vmem_limit_bytes),
                           cost_estimate=cost)(*tables, *inputs)
