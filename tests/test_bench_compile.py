@@ -59,6 +59,13 @@ def test_unknown_topology_is_one_line():
     assert stderr[-1].startswith("error: unknown TPU topology 'v5p-7'; known names: v4-8")
 
 
+def test_topology_libtpu_does_not_know_is_one_line():
+    code, report, stderr = bench_compile("--config=configs/demo/clip_tiny.py", "--topology=v5p:3x3x3")
+    assert code == 2 and report is None
+    assert stderr[-1].startswith("error: the installed libtpu does not know TPU topology 'v5p:3x3x3': ")
+    assert "known names: v4-8" in stderr[-1]
+
+
 @pytest.mark.slow
 def test_simulates_on_cpu_without_libtpu(tmp_path):
     """With libtpu unimportable the same device count is compiled on CPU, and the report says so."""
