@@ -10,7 +10,6 @@ from vlm_jax.bench_vmem import kernel_vmem_bytes
 from vlm_jax.kernels.attention import choose, dot_product_attention
 from vlm_jax.kernels.blockwise import blockwise_attention
 from vlm_jax.kernels.flash_attention import flash_attention
-from vlm_jax.kernels.masks import MaskSpec
 from vlm_jax.kernels.splash import splash_attention
 
 from attention_cases import KINDS, masks

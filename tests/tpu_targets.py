@@ -6,10 +6,7 @@ import functools
 import jax
 from jax.sharding import SingleDeviceSharding
 
-from vlm_jax.parallel.topology import parse_topology, tpu_devices
-
-# The smallest multi-chip slice of each generation the project targets.
-GENERATIONS = {"v5e": "v5e-4", "v5p": "v5p-8", "v6e": "v6e-4"}
+from vlm_jax.parallel.topology import SMALL_SLICES as GENERATIONS, parse_topology, tpu_devices
 
 
 @functools.cache

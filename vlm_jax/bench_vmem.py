@@ -16,11 +16,10 @@ from jax.sharding import SingleDeviceSharding
 
 from vlm_jax.kernels.flash_attention import flash_attention
 from vlm_jax.kernels.masks import MaskSpec
-from vlm_jax.parallel.topology import parse_topology, tpu_devices
+from vlm_jax.parallel.topology import SMALL_SLICES, parse_topology, tpu_devices
 
 KIB = 2**10
 VMEM_SPACE = "1"
-TOPOLOGIES = {"v5e": "v5e-4", "v5p": "v5p-8", "v6e": "v6e-4"}
 BATCH, HEADS, KV_HEADS, HEAD_DIM = 2, 8, 2, 64
 
 
@@ -56,7 +55,7 @@ def compiled_hlo(device, length: int, dtype) -> str:
 def bench_vmem(lengths: list[int], dtype: str = "bfloat16") -> dict:
     """VMEM (KiB) of each flash kernel for each generation and length."""
     rows = []
-    for generation, topology in TOPOLOGIES.items():
+    for generation, topology in SMALL_SLICES.items():
         device = tpu_devices(parse_topology(topology))[0]
         for length in lengths:
             vmem = kernel_vmem_bytes(compiled_hlo(device, length, jnp.dtype(dtype)))

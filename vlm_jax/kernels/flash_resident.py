@@ -18,7 +18,7 @@ from jax.experimental import pallas as pl
 
 from vlm_jax.kernels.flash_masks import BlockMask
 from vlm_jax.kernels.flash_tiles import (NEG, NN, TN, Tiling, dot, finish_forward, online_softmax_step,
-                                         probs_and_dlogits, visible)
+                                         probs_and_dlogits, split_mask_refs, visible)
 from vlm_jax.kernels.padding import pad_to
 
 
@@ -33,14 +33,8 @@ def _key_segments(kv_segment_ref, j):
     return None if kv_segment_ref is None else kv_segment_ref[pl.ds(j, 1), :]
 
 
-def _split_mask_refs(refs, segments: bool):
-    if segments:
-        return refs[0], refs[1], refs[2:]
-    return None, None, refs
-
-
 def _forward_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: Tiling):
-    q_segment_ref, kv_segment_ref, (out_ref, lse_ref) = _split_mask_refs(refs, t.segments)
+    q_segment_ref, kv_segment_ref, (out_ref, lse_ref) = split_mask_refs(refs, t.segments)
     row = pl.program_id(0) * pl.num_programs(2) + pl.program_id(2)
     q, limit = q_ref[...], limit_ref[...]
     q_segments = None if q_segment_ref is None else q_segment_ref[...]
@@ -58,7 +52,7 @@ def _forward_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs,
 
 
 def _dq_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: Tiling):
-    q_segment_ref, kv_segment_ref, (d_out_ref, lse_ref, delta_ref, dq_ref) = _split_mask_refs(refs, t.segments)
+    q_segment_ref, kv_segment_ref, (d_out_ref, lse_ref, delta_ref, dq_ref) = split_mask_refs(refs, t.segments)
     row = pl.program_id(0) * pl.num_programs(2) + pl.program_id(2)
     q, d_out, lse, delta, limit = q_ref[...], d_out_ref[...], lse_ref[...], delta_ref[...], limit_ref[...]
     q_segments = None if q_segment_ref is None else q_segment_ref[...]
@@ -74,7 +68,7 @@ def _dq_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: T
 
 
 def _dkv_kernel(q_lo_ref, q_hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: Tiling):
-    q_segment_ref, kv_segment_ref, rest = _split_mask_refs(refs, t.segments)
+    q_segment_ref, kv_segment_ref, rest = split_mask_refs(refs, t.segments)
     d_out_ref, lse_ref, delta_ref, dk_ref, dv_ref = rest
     row = pl.program_id(0) * pl.num_programs(2) + pl.program_id(2)
     k, v = k_ref[...], v_ref[...]

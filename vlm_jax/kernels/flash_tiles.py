@@ -43,6 +43,14 @@ class Tiling:
         return self.padded_k // self.block_k
 
 
+def split_mask_refs(refs, segments: bool):
+    """(query segment ref, key segment ref, the remaining refs) of a kernel's trailing refs; the segment refs
+    are None when the call has no segment ids."""
+    if segments:
+        return refs[0], refs[1], refs[2:]
+    return None, None, refs
+
+
 def dot(a: jax.Array, b: jax.Array, dimensions) -> jax.Array:
     """A matmul inside a kernel, accumulated in float32. float32 operands get exact (HIGHEST) products;
     bfloat16 operands go to the MXU as they are (their products are exact in float32 anyway; Mosaic rejects a

@@ -22,7 +22,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from vlm_jax.kernels.flash_masks import BlockMask
 from vlm_jax.kernels.flash_tiles import (NEG, NN, TN, Tiling, dot, finish_forward, online_softmax_step,
-                                         probs_and_dlogits, visible)
+                                         probs_and_dlogits, split_mask_refs, visible)
 
 LANES = 128  # TPU blocks are multiples of this along the lane dimension
 _SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
@@ -33,12 +33,6 @@ def _clamp(index, lo, hi):
     return jnp.minimum(jnp.maximum(index, lo), jnp.maximum(hi - 1, lo))
 
 
-def _split_mask_refs(refs, segments: bool):
-    if segments:
-        return refs[0], refs[1], refs[2:]
-    return None, None, refs
-
-
 def _read(ref):
     return None if ref is None else ref[...]
 
@@ -46,7 +40,7 @@ def _read(ref):
 # ----------------------------------------------------------------------------------------------- kernels
 
 def _forward_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: Tiling):
-    q_segment_ref, kv_segment_ref, (out_ref, lse_ref, max_ref, sum_ref, acc_ref) = _split_mask_refs(
+    q_segment_ref, kv_segment_ref, (out_ref, lse_ref, max_ref, sum_ref, acc_ref) = split_mask_refs(
         refs, t.segments)
     row, j = pl.program_id(0) * t.blocks_q + pl.program_id(2), pl.program_id(3)
 
@@ -68,7 +62,7 @@ def _forward_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: Ti
 
 
 def _dq_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: Tiling):
-    q_segment_ref, kv_segment_ref, rest = _split_mask_refs(refs, t.segments)
+    q_segment_ref, kv_segment_ref, rest = split_mask_refs(refs, t.segments)
     d_out_ref, lse_ref, delta_ref, dq_ref, dq_acc_ref = rest
     row, j = pl.program_id(0) * t.blocks_q + pl.program_id(2), pl.program_id(3)
 
@@ -90,7 +84,7 @@ def _dq_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: Tiling)
 
 
 def _dkv_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: Tiling):
-    q_segment_ref, kv_segment_ref, rest = _split_mask_refs(refs, t.segments)
+    q_segment_ref, kv_segment_ref, rest = split_mask_refs(refs, t.segments)
     d_out_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc_ref, dv_acc_ref = rest
     key_block, step = pl.program_id(2), pl.program_id(3)
     row, i = pl.program_id(0) * t.blocks_k + key_block, jax.lax.rem(step, t.blocks_q)

@@ -35,6 +35,8 @@ CHIPS = {
 SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
              512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16", 8960: "16x20x28"}
+# The smallest multi-chip slice of each generation the project targets (compile tests, `bench vmem`).
+SMALL_SLICES = {"v5e": "v5e-4", "v5p": "v5p-8", "v6e": "v6e-4"}
 
 
 class TopologyError(ValueError):
