@@ -78,3 +78,14 @@ def test_simulates_on_cpu_without_libtpu(tmp_path):
     assert code == 0
     assert report["compiled_for"].startswith("cpu (simulated 8 devices; not the TPU compiler: jax has no TPU")
     assert report["mesh"]["fsdp"] == 8 and report["devices"] == 8
+
+
+def test_a_refusal_without_a_size_still_does_not_fit():
+    """The compiler's out-of-HBM refusal decides the verdict even when its message gives no size."""
+    from vlm_jax.bench_compile import _out_of_memory, does_not_fit
+    refusal = _out_of_memory("RESOURCE_EXHAUSTED: Ran out of memory on HBM (no size given)")
+    assert refusal == {"temp_bytes_per_device": 0,
+                       "compiler_error": "RESOURCE_EXHAUSTED: Ran out of memory on HBM (no size given)"}
+    report = {"fits": False, "peak_bytes_per_device": 1, "hbm_bytes_per_device": 2, **refusal}
+    assert does_not_fit(report) == "does not fit: RESOURCE_EXHAUSTED: Ran out of memory on HBM (no size given)"
+    assert _out_of_memory("INTERNAL: Mosaic failed to compile TPU kernel") is None

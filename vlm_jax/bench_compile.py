@@ -137,13 +137,17 @@ def bench_compile(config_spec: str, overrides: list[str], topology_name: str) ->
     bound = {} if config.model.scan else roofline(report, topology)
     return {"bench": "compile", "topology": topology_name, "libtpu_topology": topology.libtpu_name,
             "slices": slices, "chips": topology.chips * slices, **report, **bound,
-            "peak_bytes_per_device": peak, "hbm_bytes_per_device": hbm_per_device, "fits": peak <= hbm_per_device}
+            "peak_bytes_per_device": peak, "hbm_bytes_per_device": hbm_per_device,
+            "fits": peak <= hbm_per_device and "compiler_error" not in report}
 
 
 def does_not_fit(report: dict) -> str | None:
-    """The one-line verdict for a step whose peak exceeds the chip's HBM, or None."""
+    """The one-line verdict for a step whose peak exceeds the chip's HBM (or that the compiler refused for
+    lack of HBM without saying how much it needed), or None."""
     if report["fits"]:
         return None
+    if report["peak_bytes_per_device"] <= report["hbm_bytes_per_device"]:
+        return f"does not fit: {report['compiler_error']}"
     return (f"does not fit: peak {report['peak_bytes_per_device'] / GIB:.2f} GiB > "
             f"{report['hbm_bytes_per_device'] / GIB:.2f} GiB HBM per device")
 
