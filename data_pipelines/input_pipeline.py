@@ -14,7 +14,6 @@ import os
 from typing import Mapping, Sequence
 
 import grain
-import numpy as np
 from absl import flags
 
 from data_pipelines import ops
@@ -22,8 +21,6 @@ from data_pipelines.preprocess import PreprocessIterDataset, SkipAccountingIterD
 from data_pipelines.samples import DataError
 from data_pipelines.shard_io import ReadOptions
 from data_pipelines.shuffle import WindowShuffleIterDataset
-from data_pipelines.sources import raw_eval_samples
-from data_pipelines.tokenizer import Tokenizer
 from data_pipelines.webdataset import FieldMap, TarShardDataset, expand_shards
 
 MAX_AUTO_WORKERS = 32
@@ -54,10 +51,6 @@ def default_pp_train(image_size: int, text_len: int) -> str:
     """Inception crop (mild, as for image-text pretraining) and sentencepiece ids. Images stay uint8: the
     model maps them to [-1, 1] on the device, so hosts move 4x fewer bytes."""
     return f"decode_rrc({image_size}, scale=(0.9, 1.0))|tokenize({text_len})|keep('image', 'text')"
-
-
-def default_pp_eval(image_size: int) -> str:
-    return f"decode_center_crop({image_size})"
 
 
 def from_config(data, *, image_size: int, text_len: int, global_batch_size: int, seed: int) -> TrainInput:
@@ -148,33 +141,3 @@ def make_train_dataset(options: TrainInput, *, process_index: int = 0,
             num_workers=num_workers, per_worker_buffer_size=options.worker_buffer_size))
     return SkipAccountingIterDataset(dataset, limit=options.max_skip_fraction,
                                      min_samples=options.skip_check_after)
-
-
-def load_eval_split(source: str, tokenizer_path: str, *, image_size: int, text_len: int,
-                    pp: str = "") -> dict[str, np.ndarray]:
-    """A whole held-out split in order: image [N,S,S,3], text [N,L] (captions), label [N] (-1: none).
-
-    `source` is a shard spec, "tfds:NAME/SPLIT[@DATA_DIR]", "csv:FILE" or "folder:DIR"; `pp` is the image
-    op spec (default: centre crop, [-1, 1]). Unusable samples are skipped and logged.
-    """
-    image_op = ops.build(pp or default_pp_eval(image_size))
-    tokenizer = Tokenizer(tokenizer_path)
-
-    def to_example(sample: dict, rng: np.random.Generator) -> dict:
-        caption = sample.get("caption", "")
-        return {"image": image_op(sample, rng)["image"], "label": int(sample.get("label", -1)),
-                "text": tokenizer.encode([caption], text_len)[0] if caption else np.zeros(text_len, np.int32)}
-
-    records = grain.MapDataset.source(raw_eval_samples(source)).to_iter_dataset()
-    examples = list(PreprocessIterDataset(records, to_example, seed=0))
-    if not examples:
-        raise DataError(f"no usable samples in the evaluation set {source!r}")
-    return {key: np.stack([example[key] for example in examples]) for key in ("image", "text", "label")}
-
-
-def tokenize_class_prompts(tokenizer_path: str, class_names: Sequence[str], templates: Sequence[str],
-                           text_len: int) -> np.ndarray:
-    """int32 [classes, templates, text_len]: every template filled with every class name."""
-    prompts = [template.format(name) for name in class_names for template in templates]
-    tokens = Tokenizer(tokenizer_path).encode(prompts, text_len)
-    return tokens.reshape(len(class_names), len(templates), text_len)

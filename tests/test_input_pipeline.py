@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines.input_pipeline import (TrainInput, default_pp_train, load_eval_split, local_shards,
-                                           make_train_dataset, mixed_samples, resolve_num_workers,
-                                           shard_samples, tokenize_class_prompts)
+from data_pipelines.eval_split import load_eval_split, tokenize_class_prompts
+from data_pipelines.input_pipeline import (TrainInput, default_pp_train, local_shards, make_train_dataset,
+                                           mixed_samples, resolve_num_workers, shard_samples)
 from data_pipelines.samples import DataError
 from data_pipelines.tokenizer import Tokenizer
 from data_pipelines.webdataset import expand_shards

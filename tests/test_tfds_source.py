@@ -153,7 +153,7 @@ def test_missing_dataset_or_split_is_a_one_line_error(data_dir, name, split):
 
 def test_eval_split_from_tfds_and_folder_sources(data_dir, synthetic_shards, tmp_path):
     """load_eval_split reads tfds:NAME/SPLIT@DIR, folder:DIR and csv:FILE sources like tar shards."""
-    from data_pipelines.input_pipeline import load_eval_split
+    from data_pipelines.eval_split import load_eval_split
     tokenizer = str(synthetic_shards / "spm.model")
     split = load_eval_split(f"tfds:tiny_classification/validation@{data_dir}", tokenizer, image_size=8, text_len=6)
     assert split["image"].shape == (12, 8, 8, 3) and sorted(split["label"]) == sorted(CLS_LABELS)

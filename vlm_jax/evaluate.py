@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from data_pipelines import input_pipeline
+from data_pipelines import eval_split
 from vlm_jax import checkpoint
 from vlm_jax.config import load_saved_config
 from vlm_jax.evaluators.common import apply_in_batches
@@ -44,13 +44,13 @@ def load_eval_data(config: ml_collections.ConfigDict) -> EvalData | None:
     data = config.data
     if data.eval_shards is None:
         return None
-    split = input_pipeline.load_eval_split(
+    split = eval_split.load_eval_split(
         data.eval_shards, data.tokenizer, image_size=config.model.image.image_size,
         text_len=config.model.text.max_len)
     prompts = None
     if data.classnames is not None:
         classnames, templates = read_json_list(data.classnames), read_json_list(data.templates)
-        prompts = input_pipeline.tokenize_class_prompts(
+        prompts = eval_split.tokenize_class_prompts(
             data.tokenizer, classnames, templates, config.model.text.max_len)
     return EvalData(split["image"], split["text"], split["label"], prompts)
 
