@@ -44,24 +44,35 @@ def setup(config, devices):
 
 
 def run_steps(config, devices, steps=5):
+    """{"loss": [...], "grad_norm": [...]} of `steps` steps from the seed-0 state. The gradient norm (taken
+    before clipping) catches what the losses cannot: AdamW with clipping is blind to a constant gradient scale."""
     layout, sharding, step_fn = setup(config, devices)
-    state, losses = init_train_state(layout, 0), []
+    return history_of(step_fn, layout, sharding, steps)
+
+
+def history_of(step_fn, layout, sharding, steps=5):
+    state, history = init_train_state(layout, 0), {"loss": [], "grad_norm": []}
     for i in range(steps):
         state, metrics = step_fn(state, to_global_batch(make_batch(i), sharding))
-        losses.append(float(metrics["loss"]))
-    return losses
+        for key in history:
+            history[key].append(float(metrics[key]))
+    return history
+
+
+def assert_same_history(actual, expected, rtol=1e-5):
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose(actual[key], expected[key], rtol=rtol, err_msg=key)
 
 
 @pytest.fixture(scope="module")
-def single_device_losses():
+def single_device_history():
     return run_steps(tiny_config(), jax.devices()[:1])
 
 
 @pytest.mark.parametrize("mesh", [dict(data=8), dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2),
                                   dict(data=1, fsdp=8), dict(data=4, tensor=2)])
-def test_eight_devices_match_one_device(single_device_losses, mesh):
-    losses = run_steps(tiny_config(**mesh), jax.devices())
-    np.testing.assert_allclose(losses, single_device_losses, rtol=1e-5)
+def test_eight_devices_match_one_device(single_device_history, mesh):
+    assert_same_history(run_steps(tiny_config(**mesh), jax.devices()), single_device_history)
 
 
 def test_parameters_are_sharded_by_logical_rules():
@@ -176,19 +187,15 @@ def test_fsdp8_state_bytes_per_device_are_an_eighth():
 @pytest.mark.parametrize("loss, mesh", [("sigmoid", dict(data=2, fsdp=2, tensor=2)), ("softmax", dict(data=8)),
                                         ("sigmoid", dict(data=1))])
 def test_microbatches_give_the_full_batch_loss_and_gradients(loss, mesh):
-    """2 micro-batches with cached embeddings: the same losses over 5 steps (so the same gradients) as the
-    whole batch at once."""
+    """2 micro-batches with cached embeddings: the same losses and gradient norms over 5 steps as the whole
+    batch at once."""
     config = tiny_config(**mesh)
     config.model.loss = loss
     devices = jax.devices() if mesh != dict(data=1) else jax.devices()[:1]
     whole = run_steps(config, devices)
     layout, sharding, _ = setup(config, devices)
     step_fn = make_train_step(get_task(config, sharding.mesh), layout, sharding, microbatches=2)
-    state, losses = init_train_state(layout, 0), []
-    for i in range(5):
-        state, metrics = step_fn(state, to_global_batch(make_batch(i), sharding))
-        losses.append(float(metrics["loss"]))
-    np.testing.assert_allclose(losses, whole, rtol=1e-5)
+    assert_same_history(history_of(step_fn, layout, sharding), whole)
 
 
 def test_multislice_mesh_keeps_ici_axes_inside_a_slice():
@@ -200,8 +207,7 @@ def test_multislice_mesh_keeps_ici_axes_inside_a_slice():
     ids = np.vectorize(lambda d: d.id)(mesh.devices).reshape(4, 2)
     slice_of = ids // 4  # devices 0-3 form slice 0, 4-7 slice 1
     assert (slice_of[:2] == 0).all() and (slice_of[2:] == 1).all()
-    np.testing.assert_allclose(run_steps(config, jax.devices()), run_steps(tiny_config(), jax.devices()[:1]),
-                               rtol=1e-5)
+    assert_same_history(run_steps(config, jax.devices()), run_steps(tiny_config(), jax.devices()[:1]))
     with pytest.raises(ConfigError, match="multiply to 8, but there are 8 devices in 2 slices"):
         make_mesh(tiny_config(data=8, dcn_data=2).mesh)
 
@@ -213,5 +219,4 @@ def test_activations_carry_logical_sharding_constraints_and_sequence_sharding_ma
     text = step_fn.lower(init_train_state(layout, 0), batch).as_text()
     # residual stream after each block: batch over data, length over sequence; MLP hidden units over tensor
     assert '[{"data"}, {"sequence"}, {}]' in text and '[{"data"}, {"sequence"}, {"tensor"}]' in text
-    np.testing.assert_allclose(run_steps(config, jax.devices()), run_steps(tiny_config(), jax.devices()[:1]),
-                               rtol=1e-5)
+    assert_same_history(run_steps(config, jax.devices()), run_steps(tiny_config(), jax.devices()[:1]))
