@@ -9,6 +9,7 @@ when the skipped fraction passes the limit. Both keep their counters in the iter
 
 from __future__ import annotations
 
+import posixpath
 import zlib
 from typing import Callable
 
@@ -21,6 +22,13 @@ from data_pipelines.webdataset import SHARD_START, log_skip
 COUNTERS = ("shards",) + SKIP_REASONS
 SKIPPED_KEY = "skipped"
 _INDEX = {name: i for i, name in enumerate(COUNTERS)}
+
+
+def sample_fingerprint(record: dict) -> int:
+    """crc32 of the shard's file name and the sample key: the same whatever way the shard path is spelled
+    (relative, absolute, through a link, another mount or bucket prefix)."""
+    shard = posixpath.basename(record.get("__source__", "").split("?", 1)[0])
+    return zlib.crc32(f"{shard}/{record.get('__key__', '')}".encode())
 
 
 class _PreprocessIterator(grain.DatasetIterator):
@@ -42,7 +50,7 @@ class _PreprocessIterator(grain.DatasetIterator):
                 failures, last = failures + 1, f"{reason} in {record.get('__source__')} at {record.get('__where__')}"
             else:
                 key = f"{record.get('__source__', '')}/{record.get('__key__', '')}"
-                rng = np.random.default_rng([self._seed, self._index, zlib.crc32(key.encode())])
+                rng = np.random.default_rng([self._seed, self._index, sample_fingerprint(record)])
                 self._index += 1
                 try:
                     example = self._op(record, rng)

@@ -215,3 +215,19 @@ def test_inspect_reports_bad_samples_by_reason(tmp_path, capsys):
     assert "4 shards, 80 good samples, 4 bad" in out
     result = inspect.inspect([f"{tmp_path}/0.tar"], decode=False)
     assert result["totals"] == {"samples": 20} and result["reports"][0]["shown"][0]["key"] == "s0k00"
+
+
+def test_two_spellings_of_the_same_shards_give_identical_batches(synthetic_shards, tmp_path, monkeypatch):
+    """Augmentation seeds follow the shard's file name and the sample key, not the path as the user typed it."""
+    (tmp_path / "link").symlink_to(synthetic_shards)
+    monkeypatch.chdir(synthetic_shards.parent)
+    spellings = [f"{synthetic_shards}/train/*.tar", f"{tmp_path}/link/train/*.tar",
+                 f"{synthetic_shards.name}/train/*.tar"]
+    batches = []
+    for spec in spellings:
+        iterator = iter(make_train_dataset(options(synthetic_shards, sources={"train": spec},
+                                                   pp="decode_rrc(16, scale=(0.1, 0.5))|keep('image')")))
+        batches.append(np.stack([next(iterator)["image"] for _ in range(3)]))
+        iterator.close()
+    np.testing.assert_array_equal(batches[0], batches[1])
+    np.testing.assert_array_equal(batches[0], batches[2])
