@@ -19,7 +19,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from data_pipelines.samples import SampleError
+from data_pipelines.samples import DataError, SampleError
 
 Op = Callable[[dict, np.random.Generator], dict]
 OPS: dict[str, Callable[..., Op]] = {}
@@ -303,11 +303,13 @@ def tokenize(max_len: int, key: str = "caption", out: str = "text", eos: bool = 
 
 @register("keep")
 def keep(*keys: str) -> Op:
-    """Keeps only `keys` (the arrays that are batched); a missing key is an error in the spec."""
+    """Keeps only `keys` (the arrays that are batched). A missing key is a mistake in the spec, not in the
+    data: DataError on the first sample, naming the key and the fields the sample has."""
     def op(sample, rng):
         missing = [key for key in keys if key not in sample]
         if missing:
-            raise KeyError(f"keep{keys}: the sample has no {missing} (fields: {sorted(sample)})")
+            raise DataError(f"preprocessing op keep{keys}: the samples have no field {', '.join(missing)} "
+                            f"(fields: {', '.join(sorted(sample))}); fix the data.pp spec")
         return {key: sample[key] for key in keys}
     return op
 

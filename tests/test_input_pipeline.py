@@ -5,6 +5,7 @@ import io
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tarfile
@@ -231,3 +232,11 @@ def test_two_spellings_of_the_same_shards_give_identical_batches(synthetic_shard
         iterator.close()
     np.testing.assert_array_equal(batches[0], batches[1])
     np.testing.assert_array_equal(batches[0], batches[2])
+
+
+def test_keep_of_a_field_no_sample_has_stops_on_the_first_sample_with_one_line(synthetic_shards):
+    dataset = make_train_dataset(options(synthetic_shards, pp="decode_rrc(16)|keep('image', 'label')"))
+    with pytest.raises(DataError) as error:
+        next(iter(dataset))
+    assert re.fullmatch(r"preprocessing op keep\('image', 'label'\): the samples have no field label "
+                        r"\(fields: __key__, .*caption, image\); fix the data.pp spec", str(error.value))

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from data_pipelines import ops
-from data_pipelines.samples import SampleError
+from data_pipelines.samples import DataError, SampleError
 
 
 def encoded(width: int, height: int, fmt: str = "JPEG") -> bytes:
@@ -92,5 +92,6 @@ def test_text_ops(synthetic_shards):
     assert 1 not in no_eos
     with pytest.raises(SampleError, match="no_caption"):
         run("tokenize(8)", {"image": b""}, tokenizer=tokenizer)
-    with pytest.raises(KeyError, match="has no \\['label'\\]"):
+    with pytest.raises(DataError, match=r"^preprocessing op keep\('label',\): the samples have no field label "
+                                        r"\(fields: caption\); fix the data.pp spec$"):
         run("keep('label')", {"caption": "x"})
