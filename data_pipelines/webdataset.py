@@ -2,7 +2,8 @@
 
 A shard's members are grouped into samples by key (`{key}.jpg`, `{key}.txt`, `{key}.json` as img2dataset
 writes them) and mapped to raw samples (see samples.py). The iterator's state is the byte offset of the next
-sample's first header, so a restored iterator seeks there and yields exactly what an uninterrupted one would.
+sample's first header (with the largest key before it, for duplicate detection), so a restored iterator seeks
+there, without reading the bytes before it, and yields exactly what an uninterrupted one would.
 Broken samples and shards become skip records `{"__skipped__": {reason: 1}, "__where__": key or byte offset}`
 instead of exceptions; a
 shard's first record carries SHARD_START, so downstream can count the shards read.
@@ -130,7 +131,10 @@ class TarShardIterator(grain.DatasetIterator):
         self._url, self._fields, self._options = url, fields, options
         self._offset = 0          # byte offset of the next sample's first header (the resume point)
         self._done = False
-        self._keys: set[str] | None = None  # keys of samples before self._offset
+        self._keys: set[str] = set()  # keys of the samples before self._offset, except those before _unread_offset
+        self._max_key = ""            # the largest key before self._offset
+        self._unread_offset = 0       # after a restore: keys before this offset are not in self._keys yet
+        self._unread_max_key: str | None = ""  # and none of them is larger than this (None: unknown)
         self._records: Iterator[tuple[dict, int]] | None = None
 
     def __next__(self) -> dict:
@@ -153,19 +157,19 @@ class TarShardIterator(grain.DatasetIterator):
         return record
 
     def get_state(self) -> dict:
-        return {"offset": self._offset, "done": int(self._done)}
+        return {"offset": self._offset, "done": int(self._done), "max_key": self._max_key}
 
     def set_state(self, state: dict) -> None:
         self._offset, self._done = state["offset"], bool(state["done"])
-        self._keys, self._records = None, None
+        self._max_key = state.get("max_key", "")  # absent in states saved before it was kept
+        self._keys, self._unread_offset, self._unread_max_key = set(), self._offset, state.get("max_key")
+        self._records = None
 
     def _read_with_retries(self) -> Iterator[tuple[dict, int]]:
         """(record, resume offset after it, or _SHARD_ENDED); re-opens at the last resume point after stalls or faults."""
         failures = 0
         while True:
             try:
-                if self._keys is None:
-                    self._keys = self._keys_before(self._offset)
                 for record, offset in self._read_from(self._offset):
                     failures = 0
                     yield record, offset
@@ -189,10 +193,22 @@ class TarShardIterator(grain.DatasetIterator):
         log_skip(reason, self._url, "", f"at byte {self._offset}: {error!r}")
         return {"__skipped__": {reason: 1}, "__source__": self._url, "__where__": f"byte {self._offset}: {error}"}
 
+    def _seen(self, key: str) -> bool:
+        """Whether a sample before this one had `key`, so duplicate detection survives a resume.
+
+        The keys before a restored offset are read back (a header scan from byte 0) only when `key` could be one
+        of them: never while keys increase through the shard, as shard writers store them.
+        """
+        if key in self._keys:
+            return True
+        if not self._unread_offset or (self._unread_max_key is not None and key > self._unread_max_key):
+            return False
+        self._keys |= self._keys_before(self._unread_offset)
+        self._unread_offset = 0
+        return key in self._keys
+
     def _keys_before(self, offset: int) -> set[str]:
-        """Keys of the samples before `offset` (a header scan), so duplicate detection survives a resume."""
-        if not offset:
-            return set()
+        """Keys of the samples before `offset` (a header scan)."""
         reader, seekable = open_shard(self._url, 0, self._options)
         with reader:
             keys = set()
@@ -213,7 +229,7 @@ class TarShardIterator(grain.DatasetIterator):
                         if key is not None:
                             yield self._finish(key, members, duplicate), member.header_offset
                         key, members = member_key, {}
-                        duplicate = key in self._keys
+                        duplicate = self._seen(key)
                     duplicate = duplicate or extension in members
                     members[extension] = member.data
                     end = member.end_offset
@@ -227,6 +243,7 @@ class TarShardIterator(grain.DatasetIterator):
 
     def _finish(self, key: str, members: dict[str, bytes], duplicate: bool) -> dict:
         self._keys.add(key)
+        self._max_key = max(self._max_key, key)
         try:
             if duplicate:
                 raise SampleError("duplicate_key")
