@@ -13,31 +13,59 @@ from data_pipelines.samples import DataError
 from data_pipelines.sources import raw_eval_samples
 from data_pipelines.tokenizer import Tokenizer
 
+# Ops that set the pixel value range; the default eval spec repeats training's, so both see the same inputs.
+VALUE_RANGE_OPS = ("value_range", "normalize")
+# Captions are tokenized here (every reference caption, to the model's length), not by the image spec.
+TEXT_OPS = ("tokenize", "keep", "lower")
 
-def default_pp_eval(image_size: int) -> str:
-    return f"decode_center_crop({image_size})"
+
+def default_pp_eval(image_size: int, pp_train: str = "") -> str:
+    """Centre crop to image_size, then the value-range ops of `pp_train` (none: uint8, which the model maps to
+    [-1, 1] itself, as for the default training spec)."""
+    value_ops = [item.strip() for item in pp_train.split("|")
+                 if item.strip() and ops.parse_spec(item)[0][0] in VALUE_RANGE_OPS]
+    return "|".join([f"decode_center_crop({image_size})", *value_ops])
+
+
+def build_image_op(spec: str) -> ops.Op:
+    """The image op of an eval spec; a one-line ValueError for text ops (captions are tokenized separately)."""
+    text_ops = [name for name, _, _ in ops.parse_spec(spec) if name in TEXT_OPS]
+    if text_ops:
+        raise ValueError(f"eval preprocessing {spec!r} is an image spec: drop {', '.join(text_ops)} (every "
+                         f"reference caption is tokenized to the model's text length)")
+    return ops.build(spec)
 
 
 def load_eval_split(source: str, tokenizer_path: str, *, image_size: int, text_len: int,
                     pp: str = "") -> dict[str, np.ndarray]:
-    """A whole held-out split in order: image [N,S,S,3], text [N,L] (captions), label [N] (-1: none).
+    """A whole held-out split in order: image [N,...] (after `pp`), label [N] (-1: none), text [M,L] (every
+    reference caption of every image, in image order) and text_image [M] (the index of each caption's image).
 
     `source` is a shard spec, "tfds:NAME/SPLIT[@DATA_DIR]", "csv:FILE" or "folder:DIR"; `pp` is the image
-    op spec (default: centre crop, [-1, 1]). Unusable samples are skipped and logged.
+    op spec (default: default_pp_eval(image_size)). Unusable samples are skipped and logged.
     """
-    image_op = ops.build(pp or default_pp_eval(image_size))
+    spec = pp or default_pp_eval(image_size)
+    image_op = build_image_op(spec)
     tokenizer = Tokenizer(tokenizer_path)
 
     def to_example(sample: dict, rng: np.random.Generator) -> dict:
-        caption = sample.get("caption", "")
-        return {"image": image_op(sample, rng)["image"], "label": int(sample.get("label", -1)),
-                "text": tokenizer.encode([caption], text_len)[0] if caption else np.zeros(text_len, np.int32)}
+        captions = [text for text in sample.get("captions") or [sample.get("caption", "")] if text]
+        tokens = tokenizer.encode(captions, text_len) if captions else np.zeros((0, text_len), np.int32)
+        return {"image": image_op(sample, rng)["image"], "label": int(sample.get("label", -1)), "text": tokens}
 
     records = grain.MapDataset.source(raw_eval_samples(source)).to_iter_dataset()
     examples = list(PreprocessIterDataset(records, to_example, seed=0))
     if not examples:
         raise DataError(f"no usable samples in the evaluation set {source!r}")
-    return {key: np.stack([example[key] for example in examples]) for key in ("image", "text", "label")}
+    shapes = sorted({example["image"].shape for example in examples})
+    if len(shapes) > 1:
+        raise ValueError(f"eval preprocessing {spec!r} gives images of different shapes ({shapes[0]}, "
+                         f"{shapes[-1]}); end it with a fixed-size crop")
+    texts = [example["text"] for example in examples]
+    return {"image": np.stack([example["image"] for example in examples]),
+            "label": np.array([example["label"] for example in examples], np.int64),
+            "text": np.concatenate(texts).astype(np.int32),
+            "text_image": np.repeat(np.arange(len(texts)), [len(t) for t in texts]).astype(np.int64)}
 
 
 def tokenize_class_prompts(tokenizer_path: str, class_names: Sequence[str], templates: Sequence[str],

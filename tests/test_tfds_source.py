@@ -157,10 +157,14 @@ def test_eval_split_from_tfds_and_folder_sources(data_dir, synthetic_shards, tmp
     tokenizer = str(synthetic_shards / "spm.model")
     split = load_eval_split(f"tfds:tiny_classification/validation@{data_dir}", tokenizer, image_size=8, text_len=6)
     assert split["image"].shape == (12, 8, 8, 3) and sorted(split["label"]) == sorted(CLS_LABELS)
-    assert not split["text"].any()  # no captions: all padding
+    assert split["text"].shape == (0, 6) and split["text_image"].shape == (0,)  # no captions: no retrieval
     captions = load_eval_split(f"tfds:tiny_captions/val@{data_dir}", tokenizer, image_size=8, text_len=6)
     assert captions["image"].shape[0] == len(CAPTIONS) and (captions["label"] == -1).all()
-    assert (captions["text"][:, 0] > 0).all()
+    # Every reference caption is kept (COCO has 5 per image), each pointing at its image.
+    assert captions["text"].shape == (2 * len(CAPTIONS), 6) and (captions["text"][:, 0] > 0).all()
+    np.testing.assert_array_equal(captions["text_image"], np.repeat(np.arange(len(CAPTIONS)), 2))
+    first, second = captions["text"][0::2], captions["text"][1::2]
+    assert not (first == second).all(axis=1).any()  # the two captions of an image are different texts
     for i, array in enumerate(CLS_IMAGES[:3]):
         (tmp_path / f"{i}.png").write_bytes(encode(array, "PNG"))
         (tmp_path / f"{i}.txt").write_text(f"a red circle {i}")
