@@ -2,7 +2,8 @@
 
     shard list --process split--> per-epoch shuffled shard order (repeated) --> interleave of cycle_length
     streaming shard readers --> [weighted mixture of sources] --> window shuffle of raw samples
-    --> preprocessing ops (bad samples counted) --> batch --> worker processes --> skip accounting
+    --> preprocessing ops (bad samples counted) --> batch --> worker processes (exit with their parent)
+    --> worker count recorded in the state --> skip accounting
 
 Every stage keeps its position in the iterator state, which the trainer saves in the model's checkpoint.
 """
@@ -16,7 +17,7 @@ from typing import Mapping, Sequence
 import grain
 from absl import flags
 
-from data_pipelines import ops
+from data_pipelines import ops, workers
 from data_pipelines.preprocess import PreprocessIterDataset, SkipAccountingIterDataset
 from data_pipelines.samples import DataError
 from data_pipelines.shard_io import ReadOptions
@@ -138,6 +139,8 @@ def make_train_dataset(options: TrainInput, *, process_index: int = 0,
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags.
             flags.FLAGS.mark_as_parsed()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=num_workers, per_worker_buffer_size=options.worker_buffer_size))
+            num_workers=num_workers, per_worker_buffer_size=options.worker_buffer_size),
+            worker_init_fn=workers.exit_with_parent)
+    dataset = workers.WorkerCountIterDataset(dataset, num_workers, options.num_workers)
     return SkipAccountingIterDataset(dataset, limit=options.max_skip_fraction,
                                      min_samples=options.skip_check_after)
