@@ -5,17 +5,26 @@
 
 Each process gets JAX_PLATFORMS=cpu, XLA_FLAGS with its device count, and VLM_JAX_COORDINATOR /
 VLM_JAX_NUM_PROCESSES / VLM_JAX_PROCESS_ID, which vlm_jax.train reads. Output lines are prefixed with the
-process id. If one process fails, the others are stopped; the exit status is the first failure's.
+process id. Every process runs in its own process group (with whatever it starts, e.g. grain data workers).
+The launcher watches all of them at once: when one fails, on the launcher's timeout (status 124) and on
+SIGTERM / Ctrl-C to the launcher (128 + signal), every group gets SIGTERM, then SIGKILL after a short grace.
+The job's exit status is the first failure's (128 + N for a process killed by signal N).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterator
+
+POLL_S = 0.05
 
 
 def free_port() -> int:
@@ -39,49 +48,101 @@ def relay(index: int, stream, sink) -> None:
         sink.flush()
 
 
-def launch(command: list[str], processes: int, devices_per_process: int, timeout_s: float | None = None) -> int:
-    """Runs `command` as `processes` cooperating processes; returns the job's exit status."""
-    port = free_port()
-    children = [subprocess.Popen(command, env=process_env(i, processes, devices_per_process, port),
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                for i in range(processes)]
-    relays = [threading.Thread(target=relay, args=(i, child.stdout, sys.stdout), daemon=True)
-              for i, child in enumerate(children)]
-    for thread in relays:
-        thread.start()
-    status = 0
+def exit_status(returncode: int) -> int:
+    """A shell-style status: a process killed by signal N (Popen's -N) counts as 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+@contextlib.contextmanager
+def signals_recorded(received: list[int]) -> Iterator[None]:
+    """Records SIGTERM / SIGINT sent to the launcher in `received` instead of dying (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda signum, _frame: received.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        for child in children:
-            code = child.wait(timeout=timeout_s)
-            if code and not status:
-                status = code
-                for other in children:
-                    if other.poll() is None:
-                        other.kill()
-    except subprocess.TimeoutExpired:
-        status = 124
+        yield
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-        for thread in relays:
-            thread.join(timeout=5)
-    return status
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def signal_groups(children: list[subprocess.Popen], sig: int) -> None:
+    """Sends `sig` to each child's process group (the group outlives its leader while members remain)."""
+    for child in children:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, sig)
+
+
+def stop_all(children: list[subprocess.Popen], grace_s: float) -> None:
+    """SIGTERM to every process group, SIGKILL to all of them after `grace_s` (or once the leaders are gone)."""
+    signal_groups(children, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while any(child.poll() is None for child in children) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    signal_groups(children, signal.SIGKILL)
+    for child in children:
+        child.wait()
+
+
+def watch(children: list[subprocess.Popen], timeout_s: float | None, received: list[int]) -> int:
+    """Polls every child until all succeed (0), one fails (its status), the timeout passes (124) or the
+    launcher gets a signal (128 + signal)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        if received:
+            return 128 + received[0]
+        codes = [child.poll() for child in children]
+        failed = [code for code in codes if code]
+        if failed:
+            return exit_status(failed[0])
+        if all(code == 0 for code in codes):
+            return 0
+        if deadline is not None and time.monotonic() >= deadline:
+            return 124
+        time.sleep(POLL_S)
+
+
+def launch(command: list[str], processes: int, devices_per_process: int, timeout_s: float | None = None,
+           grace_s: float = 10.0) -> int:
+    """Runs `command` as `processes` cooperating processes; returns the job's exit status. No process of the
+    job (nor anything it started) outlives the call."""
+    port = free_port()
+    received: list[int] = []
+    children: list[subprocess.Popen] = []
+    relays: list[threading.Thread] = []
+    with signals_recorded(received):
+        try:
+            for i in range(processes):
+                child = subprocess.Popen(command, env=process_env(i, processes, devices_per_process, port),
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                         start_new_session=True)
+                children.append(child)
+                relays.append(threading.Thread(target=relay, args=(i, child.stdout, sys.stdout), daemon=True))
+                relays[-1].start()
+            return watch(children, timeout_s, received)
+        finally:
+            stop_all(children, grace_s)
+            for thread in relays:
+                thread.join(timeout=5)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--" not in argv:
-        print("usage: python -m launch.local --processes N [--devices-per-process D] -- COMMAND...",
-              file=sys.stderr)
+        print("usage: python -m launch.local --processes N [--devices-per-process D] [--timeout-s S] "
+              "[--grace-s S] -- COMMAND...", file=sys.stderr)
         return 2
     split = argv.index("--")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--devices-per-process", type=int, default=4)
-    parser.add_argument("--timeout-s", type=float, default=None)
+    parser.add_argument("--timeout-s", type=float, default=None, help="stop the job after this long (status 124)")
+    parser.add_argument("--grace-s", type=float, default=10.0,
+                        help="how long stopped processes get between SIGTERM and SIGKILL")
     args = parser.parse_args(argv[:split])
-    return launch(argv[split + 1:], args.processes, args.devices_per_process, args.timeout_s)
+    return launch(argv[split + 1:], args.processes, args.devices_per_process, args.timeout_s, args.grace_s)
 
 
 if __name__ == "__main__":
