@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import grain
@@ -42,7 +43,7 @@ def load_eval_split(source: str, tokenizer_path: str, *, image_size: int, text_l
     reference caption of every image, in image order) and text_image [M] (the index of each caption's image).
 
     `source` is a shard spec, "tfds:NAME/SPLIT[@DATA_DIR]", "csv:FILE" or "folder:DIR"; `pp` is the image
-    op spec (default: default_pp_eval(image_size)). Unusable samples are skipped and logged.
+    op spec (default: default_pp_eval(image_size)). Unusable samples are skipped, logged and counted.
     """
     spec = pp or default_pp_eval(image_size)
     image_op = build_image_op(spec)
@@ -53,10 +54,15 @@ def load_eval_split(source: str, tokenizer_path: str, *, image_size: int, text_l
         tokens = tokenizer.encode(captions, text_len) if captions else np.zeros((0, text_len), np.int32)
         return {"image": image_op(sample, rng)["image"], "label": int(sample.get("label", -1)), "text": tokens}
 
-    records = grain.MapDataset.source(raw_eval_samples(source)).to_iter_dataset()
-    examples = list(PreprocessIterDataset(records, to_example, seed=0))
+    records = raw_eval_samples(source)
+    examples = list(PreprocessIterDataset(grain.MapDataset.source(records).to_iter_dataset(), to_example, seed=0))
     if not examples:
         raise DataError(f"no usable samples in the evaluation set {source!r}")
+    skip_records = [record["__skipped__"] for record in records if "__skipped__" in record]
+    skipped = sum(sum(counts.values()) for counts in skip_records) + len(records) - len(skip_records) - len(examples)
+    if skipped:
+        logging.warning("evaluation set %s: %d of %d samples skipped (reasons above); evaluating on the other %d",
+                        source, skipped, skipped + len(examples), len(examples))
     shapes = sorted({example["image"].shape for example in examples})
     if len(shapes) > 1:
         raise ValueError(f"eval preprocessing {spec!r} gives images of different shapes ({shapes[0]}, "

@@ -68,3 +68,15 @@ def test_uncaptioned_unlabelled_folder_is_nothing_to_evaluate(synthetic_shards, 
     with pytest.raises(ConfigError, match="nothing to evaluate in folder:") as error:
         load_eval_data(config)
     assert "\n" not in str(error.value)
+
+
+def test_skipped_eval_samples_are_counted(synthetic_shards, tmp_path, caplog):
+    """Two good images and one corrupt: the split has two, and one warning says 1 of 3 were skipped."""
+    for i in range(2):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((16, 16, 3), 90 * i, np.uint8)).save(buffer, format="PNG")
+        (tmp_path / f"{i}.png").write_bytes(buffer.getvalue())
+    (tmp_path / "2.png").write_bytes(b"\x89PNG not really")
+    split = load_eval_split(f"folder:{tmp_path}", str(synthetic_shards / "spm.model"), image_size=16, text_len=12)
+    assert split["image"].shape[0] == 2
+    assert f"evaluation set folder:{tmp_path}: 1 of 3 samples skipped" in caplog.text
