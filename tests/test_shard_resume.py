@@ -9,6 +9,7 @@ import http.server
 import io
 import json
 import re
+import shutil
 import sys
 import tarfile
 import threading
@@ -65,19 +66,21 @@ class RangeServer:
                 if not path.is_file():
                     self.send_error(404)
                     return
-                data = path.read_bytes()
+                size = path.stat().st_size
                 wanted = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
                 start = int(wanted[1]) if wanted and honour_range else 0
                 if wanted and honour_range:
                     self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                    self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
                 else:
                     self.send_response(200)
-                self.send_header("Content-Length", str(len(data) - start))
+                self.send_header("Content-Length", str(size - start))
                 self.end_headers()
                 if send_body:
-                    server.bytes_sent += len(data) - start  # counted first: the client may finish before write returns
-                    self.wfile.write(data[start:])
+                    server.bytes_sent += size - start  # counted first: the client may finish before the copy does
+                    with open(path, "rb") as f:
+                        f.seek(start)
+                        shutil.copyfileobj(f, self.wfile)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
