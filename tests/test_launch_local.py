@@ -41,7 +41,7 @@ def alive(pid: int) -> bool:
 
 def start_job(tmp_path, *launcher_flags: str, processes: int = 2, fail: int = -1) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "launch.local", "--processes", str(processes), "--grace-s", "5", *launcher_flags,
+        [sys.executable, "-m", "launch.local", "--processes", str(processes), *launcher_flags,
          "--", sys.executable, "-c", JOB_PROCESS, str(tmp_path), str(processes), str(fail)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
