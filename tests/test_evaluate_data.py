@@ -80,3 +80,11 @@ def test_skipped_eval_samples_are_counted(synthetic_shards, tmp_path, caplog):
     split = load_eval_split(f"folder:{tmp_path}", str(synthetic_shards / "spm.model"), image_size=16, text_len=12)
     assert split["image"].shape[0] == 2
     assert f"evaluation set folder:{tmp_path}: 1 of 3 samples skipped" in caplog.text
+
+
+def test_labels_beyond_the_class_names_are_a_config_error(synthetic_shards, tmp_path):
+    """The synthetic set has 24 classes: 3 names would make most images silent misses."""
+    (tmp_path / "classnames.json").write_text('["red circle", "blue square", "green triangle"]')
+    config = config_for(synthetic_shards, f"data.classnames={tmp_path / 'classnames.json'}")
+    with pytest.raises(ConfigError, match=r"has label 23 but .*classnames.json names only 3 classes"):
+        load_eval_data(config)

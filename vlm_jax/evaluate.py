@@ -79,6 +79,9 @@ def load_eval_data(config: ml_collections.ConfigDict) -> EvalData | None:
         classnames, templates = read_json_list(data.classnames), read_json_list(data.templates)
         prompts = eval_split.tokenize_class_prompts(
             data.tokenizer, classnames, templates, config.model.text.max_len)
+        if split["label"].max() >= len(classnames):
+            raise ConfigError(f"{data.eval_shards} has label {split['label'].max()} but {data.classnames} names "
+                              f"only {len(classnames)} classes")
     eval_data = EvalData(split["image"], split["text"], split["text_image"], split["label"], prompts)
     if not (eval_data.has_captions or eval_data.has_class_labels):
         raise ConfigError(f"nothing to evaluate in {data.eval_shards}: it has no captions (retrieval) and no "
@@ -127,8 +130,8 @@ def run_evaluators(embedders: Embedders, params: Any, data: EvalData, sharding: 
     """
     def embed(fn: Callable[[Any, jax.Array], jax.Array], array: np.ndarray, what: str) -> np.ndarray:
         embeddings = apply_in_batches(lambda x: fn(params, x), array, batch_size, sharding)
-        bad = int(np.sum(~np.all(np.isfinite(embeddings), axis=-1)))
-        if require_finite and bad:
+        if require_finite and not np.isfinite(embeddings).all():
+            bad = int(np.sum(~np.all(np.isfinite(embeddings), axis=-1)))
             raise FloatingPointError(f"{bad} of {len(embeddings)} {what} embeddings are not finite: the "
                                      f"parameters are probably NaN or inf")
         return embeddings
