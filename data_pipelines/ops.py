@@ -288,16 +288,87 @@ def lower(key: str = "caption") -> Op:
     return op
 
 
+def _text(sample: dict, key: str) -> str:
+    if key not in sample:
+        raise SampleError("no_caption", f"no field {key!r}")
+    return sample[key]
+
+
 @register("tokenize")
-def tokenize(max_len: int, key: str = "caption", out: str = "text", eos: bool = True, *,
-             tokenizer: str) -> Op:
-    """Sentencepiece ids, EOS appended (unless eos=False), truncated or padded to max_len: int32 [max_len]."""
+def tokenize(max_len: int, key: str = "caption", out: str = "text", eos: bool = True, bos: bool = False,
+             lower: bool = True, *, tokenizer: str) -> Op:
+    """Sentencepiece ids of sample[key] as int32 [max_len]: [BOS] ids [EOS] 0-padding, truncated with EOS kept
+    last. EOS is appended unless eos=False, BOS prepended with bos=True (a model without BOS: DataError).
+    `lower` (default) lower-cases the text first, as the contrastive models and their tokenizers expect."""
     from data_pipelines.tokenizer import Tokenizer  # sentencepiece loads once per op, in each worker
     model = Tokenizer(tokenizer)
+    if bos:
+        model.require_bos()
     def op(sample, rng):
-        if key not in sample:
-            raise SampleError("no_caption")
-        return {**sample, out: model.encode([sample[key]], max_len, add_eos=eos)[0]}
+        text = _text(sample, key)
+        return {**sample, out: model.encode([text], max_len, add_eos=eos, add_bos=bos, lower=lower)[0]}
+    return op
+
+
+@register("caption_targets")
+def caption_targets(max_len: int, key: str = "caption", lower: bool = True, *, tokenizer: str) -> Op:
+    """A caption's decoder fields for teacher forcing (captioning, CapPa's autoregressive share), each int32
+    [max_len]; with the caption's ids t1..tn (truncated to max_len - 1, EOS kept):
+
+        text_target     t1 t2 ... tn EOS 0 ... 0      the tokens to predict
+        text_input      BOS t1 ... tn 0 ... 0         the decoder's input: the targets shifted right behind BOS
+                                                      (position i sees token i-1 when it predicts token i)
+        text_loss_mask  1 1 ... 1  1  0 ... 0         1 on the supervised tokens (ids and EOS), 0 on padding
+
+    The loss is the token cross-entropy of text_target where text_loss_mask is 1. CapPa's parallel share
+    replaces text_input by [MASK] ids in the model, not here.
+    """
+    from data_pipelines.tokenizer import Tokenizer
+    model = Tokenizer(tokenizer)
+    bos = model.require_bos()
+    def op(sample, rng):
+        target = model.encode([_text(sample, key)], max_len, lower=lower)[0]
+        loss_mask = (target != model.pad_id).astype(np.int32)
+        shifted = np.concatenate([np.array([bos], np.int32), target[:-1]])
+        text_input = np.where(loss_mask == 1, shifted, model.pad_id).astype(np.int32)
+        return {**sample, "text_input": text_input, "text_target": target, "text_loss_mask": loss_mask}
+    return op
+
+
+@register("prefix_lm")
+def prefix_lm(max_len: int, prompt: str | None = None, prefix_key: str = "prefix", suffix_key: str = "caption",
+              sep: str = "\n", lower: bool = True, *, tokenizer: str) -> Op:
+    """One prefix-LM sequence as big_vision's PaliGemma builds it (the image tokens go in front of it, in the
+    model), each field int32 [max_len], truncated at max_len:
+
+        text       BOS prefix-ids sep-ids | suffix-ids EOS | 0 ... 0
+        mask_ar    0   0 ...      0 ...   | 1 ...      1   | 1 ... 1   0: attends bidirectionally (with the
+                                                                       image); 1: causal (see big_vision's
+                                                                       make_attn_mask); padding counts as causal
+        mask_loss  0   0 ...      0 ...   | 1 ...      1   | 0 ... 0   1: supervised (suffix and its EOS)
+
+    The prefix is `prompt` for every sample (e.g. "caption en") or, when prompt is None, sample[prefix_key];
+    the suffix is sample[suffix_key]. `sep` must encode to at least one id (sentencepiece models trained by
+    data_pipelines.tokenizer drop "\n": pass e.g. sep=";").
+    """
+    from data_pipelines.tokenizer import Tokenizer
+    model = Tokenizer(tokenizer)
+    bos, sep_ids = model.require_bos(), model.ids(sep, lower=False)
+    if not sep_ids:
+        raise DataError(f"prefix_lm separator {sep!r} encodes to no ids with tokenizer {tokenizer}; "
+                        "pass another sep, e.g. sep=';'")
+    def op(sample, rng):
+        prefix = prompt if prompt is not None else _text(sample, prefix_key)
+        prefix_ids = [bos] + model.ids(prefix, lower) + sep_ids
+        suffix_ids = model.ids(_text(sample, suffix_key), lower) + [model.eos_id]
+        length = min(len(prefix_ids) + len(suffix_ids), max_len)
+        text = np.full(max_len, model.pad_id, np.int32)
+        text[:length] = (prefix_ids + suffix_ids)[:length]
+        mask_ar = np.ones(max_len, np.int32)
+        mask_ar[:len(prefix_ids)] = 0
+        mask_loss = np.zeros(max_len, np.int32)
+        mask_loss[len(prefix_ids):length] = 1
+        return {**sample, "text": text, "mask_ar": mask_ar, "mask_loss": mask_loss}
     return op
 
 
@@ -314,4 +385,4 @@ def keep(*keys: str) -> Op:
     return op
 
 
-_NEEDS_CONTEXT = {"tokenize": ("tokenizer",)}
+_NEEDS_CONTEXT = {name: ("tokenizer",) for name in ("tokenize", "caption_targets", "prefix_lm")}

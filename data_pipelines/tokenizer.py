@@ -1,8 +1,10 @@
 """SentencePiece tokenizers: train one from captions, load any `.model`, encode to fixed-length ids.
 
     python -m data_pipelines.tokenizer train --shards 'DIR/train/*.tar' --vocab-size 1000 --out DIR/spm.model
+    (add --no-lower to keep the captions' case)
 
-Ids: 0 pad, 1 end of sequence, 2 unknown (no begin-of-sequence token).
+Ids of the models trained here: 0 pad, 1 end of sequence (EOS), 2 unknown, 3 begin of sequence (BOS).
+Models trained before BOS was reserved have no BOS (ids 0 pad, 1 EOS, 2 unknown).
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from data_pipelines.samples import DataError
 from data_pipelines.webdataset import expand_shards, read_shard
 
 
-def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int) -> None:
-    """Trains a unigram SentencePiece model on lower-cased `texts` and writes it to `model_path`."""
+def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int, lower: bool = True) -> None:
+    """Trains a unigram SentencePiece model on `texts` (lower-cased unless lower=False) and writes it to
+    `model_path`. Ids 0-3 are pad, EOS, unknown and BOS."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=(t.lower() for t in texts), model_writer=model, vocab_size=vocab_size,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
+        sentence_iterator=(t.lower() if lower else t for t in texts), model_writer=model, vocab_size=vocab_size,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=3, hard_vocab_limit=False,
         character_coverage=1.0, minloglevel=2)
     os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
     with open(model_path, "wb") as f:
@@ -32,7 +36,8 @@ def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int) -> N
 
 
 class Tokenizer:
-    """Lower-cases, encodes, appends EOS, truncates (keeping EOS last) and pads to `max_len`.
+    """Encodes to fixed-length ids: optionally lower-cases, prepends BOS, appends EOS; truncates (keeping EOS
+    last) and pads to `max_len`.
 
     Picklable: worker processes reload the model from its path.
     """
@@ -70,13 +75,33 @@ class Tokenizer:
     def eos_id(self) -> int:
         return self._processor.eos_id()
 
-    def encode(self, texts: Sequence[str], max_len: int, add_eos: bool = True) -> np.ndarray:
-        """int32 [len(texts), max_len]; with `add_eos` the last kept id is EOS even after truncation."""
+    @property
+    def bos_id(self) -> int:
+        """-1 for a model without a BOS piece."""
+        return self._processor.bos_id()
+
+    def require_bos(self) -> int:
+        """The BOS id; DataError (one line) for a model without one."""
+        if self.bos_id < 0:
+            raise DataError(f"tokenizer {self.model_path} has no BOS piece: retrain it with "
+                            "`python -m data_pipelines.tokenizer train` (which reserves id 3 for BOS)")
+        return self.bos_id
+
+    def ids(self, text: str, lower: bool = True) -> list[int]:
+        """The ids of one text, without BOS, EOS or padding; `lower` lower-cases it first."""
+        return self._processor.EncodeAsIds(text.lower() if lower else text)
+
+    def encode(self, texts: Sequence[str], max_len: int, add_eos: bool = True, add_bos: bool = False,
+               lower: bool = True) -> np.ndarray:
+        """int32 [len(texts), max_len]: [BOS] ids [EOS] pad...; with `add_eos` the last kept id is EOS even
+        after truncation. `lower` lower-cases the text first (as the models trained here saw it)."""
+        prefix = [self.require_bos()] if add_bos else []
+        suffix = [self.eos_id] if add_eos else []
+        room = max_len - len(prefix) - len(suffix)
         out = np.full((len(texts), max_len), self.pad_id, np.int32)
         for row, text in enumerate(texts):  # One string per call: the list form starts threads (7x slower).
-            ids = self._processor.EncodeAsIds(text.lower())
-            ids = ids[:max_len - 1] + [self.eos_id] if add_eos else ids[:max_len]
-            out[row, :len(ids)] = ids
+            ids = prefix + self.ids(text, lower)[:max(room, 0)] + suffix
+            out[row, :len(ids)] = ids[:max_len]
         return out
 
 
@@ -94,9 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--shards", required=True)
     train.add_argument("--vocab-size", type=int, default=1000)
     train.add_argument("--out", required=True)
+    train.add_argument("--no-lower", dest="lower", action="store_false",
+                       help="keep the captions' case (default: lower-case them, as the contrastive demo does)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        train_tokenizer(captions_from_shards(args.shards), args.out, args.vocab_size)
+        train_tokenizer(captions_from_shards(args.shards), args.out, args.vocab_size, lower=args.lower)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ from data_pipelines.eval_split import load_eval_split, tokenize_class_prompts
 from data_pipelines.input_pipeline import (TrainInput, default_pp_train, local_shards, make_train_dataset,
                                            mixed_samples, resolve_num_workers, shard_samples)
 from data_pipelines.samples import DataError
+from data_pipelines import tokenizer as tokenizer_cli
 from data_pipelines.tokenizer import Tokenizer
 from data_pipelines.webdataset import expand_shards
 
@@ -240,3 +241,23 @@ def test_keep_of_a_field_no_sample_has_stops_on_the_first_sample_with_one_line(s
         next(iter(dataset))
     assert re.fullmatch(r"preprocessing op keep\('image', 'label'\): the samples have no field label "
                         r"\(fields: __key__, .*caption, image\); fix the data.pp spec", str(error.value))
+
+
+def test_tokenizer_training_reserves_bos_and_lower_cases_only_by_default(tmp_path):
+    with tarfile.open(tmp_path / "0.tar", "w") as tar:
+        for i, caption in enumerate(["A Red Circle", "A BLUE Square", "Big Green Disk"] * 30):
+            for name, data in ((f"k{i:03d}.jpg", jpeg(i)), (f"k{i:03d}.txt", caption.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    pieces = {}
+    for flag in ([], ["--no-lower"]):
+        out = tmp_path / f"spm{len(flag)}.model"
+        assert tokenizer_cli.main(["train", "--shards", f"{tmp_path}/*.tar", "--vocab-size", "40",
+                                   "--out", str(out)] + flag) == 0
+        model = Tokenizer(str(out))
+        assert (model.pad_id, model.eos_id, model.bos_id) == (0, 1, 3)
+        pieces[bool(flag)] = "".join(model._processor.IdToPiece(i) for i in range(4, model.vocab_size))
+    assert pieces[False] == pieces[False].lower() and "R" in pieces[True]
+    cased = Tokenizer(str(tmp_path / "spm1.model"))
+    assert 2 not in cased.encode(["A Red Circle"], 12, lower=False)  # every piece known when the case is kept

@@ -4,10 +4,12 @@ import io
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 from PIL import Image
 
 from data_pipelines import ops
 from data_pipelines.samples import DataError, SampleError
+from data_pipelines.tokenizer import Tokenizer
 
 
 def encoded(width: int, height: int, fmt: str = "JPEG") -> bytes:
@@ -95,3 +97,77 @@ def test_text_ops(synthetic_shards):
     with pytest.raises(DataError, match=r"^preprocessing op keep\('label',\): the samples have no field label "
                                         r"\(fields: caption\); fix the data.pp spec$"):
         run("keep('label')", {"caption": "x"})
+
+
+BOS, EOS, PAD = 3, 1, 0
+
+
+def test_tokenize_bos_and_case_options(synthetic_shards):
+    tokenizer = str(synthetic_shards / "spm.model")
+    model = Tokenizer(tokenizer)
+    words = model.ids("a red circle")
+    assert model.bos_id == BOS and model.eos_id == EOS and model.pad_id == PAD and BOS not in words
+    out = run("tokenize(8, bos=True)", {"caption": "A Red circle"}, tokenizer=tokenizer)["text"]
+    np.testing.assert_array_equal(out, ([BOS] + words + [EOS] + [PAD] * 8)[:8])
+    default = run("tokenize(8)", {"caption": "A Red circle"}, tokenizer=tokenizer)["text"]
+    np.testing.assert_array_equal(default, (words + [EOS] + [PAD] * 8)[:8])  # unchanged: lower-cased, no BOS
+    cased = run("tokenize(8, lower=False)", {"caption": "A Red circle"}, tokenizer=tokenizer)["text"]
+    assert list(cased[:len(words) + 1]) != words + [EOS]  # capitals are other pieces (or unknown)
+    short = run("tokenize(3, bos=True)", {"caption": "a red circle"}, tokenizer=tokenizer)["text"]
+    np.testing.assert_array_equal(short, [BOS, words[0], EOS])  # truncated: BOS first, EOS last
+
+
+def test_caption_targets_shift_the_targets_behind_bos(synthetic_shards):
+    tokenizer = str(synthetic_shards / "spm.model")
+    words = Tokenizer(tokenizer).ids("a red circle")
+    n = len(words)
+    out = run("caption_targets(8)|keep('text_input', 'text_target', 'text_loss_mask')",
+              {"caption": "A red circle"}, tokenizer=tokenizer)
+    assert all(v.dtype == np.int32 and v.shape == (8,) for v in out.values())
+    np.testing.assert_array_equal(out["text_target"], words + [EOS] + [PAD] * (7 - n))
+    np.testing.assert_array_equal(out["text_input"], [BOS] + words + [PAD] * (7 - n))
+    np.testing.assert_array_equal(out["text_loss_mask"], [1] * (n + 1) + [0] * (7 - n))
+    cut = run("caption_targets(3)", {"caption": "a red circle"}, tokenizer=tokenizer)
+    np.testing.assert_array_equal(cut["text_target"], words[:2] + [EOS])
+    np.testing.assert_array_equal(cut["text_input"], [BOS] + words[:2])
+    np.testing.assert_array_equal(cut["text_loss_mask"], [1, 1, 1])
+
+
+def test_prefix_lm_sequence_and_masks(synthetic_shards):
+    tokenizer = str(synthetic_shards / "spm.model")
+    model = Tokenizer(tokenizer)
+    prompt, sep, caption = model.ids("describe"), model.ids(";", lower=False), model.ids("a red circle")
+    assert sep  # ';' is a piece or the unknown id
+    prefix = [BOS] + prompt + sep
+    suffix = caption + [EOS]
+    length = 24
+    pad = length - len(prefix) - len(suffix)
+    out = run("prefix_lm(24, prompt='Describe', sep=';')", {"caption": "A red circle"}, tokenizer=tokenizer)
+    np.testing.assert_array_equal(out["text"], prefix + suffix + [PAD] * pad)
+    np.testing.assert_array_equal(out["mask_ar"], [0] * len(prefix) + [1] * len(suffix) + [1] * pad)
+    np.testing.assert_array_equal(out["mask_loss"], [0] * len(prefix) + [1] * len(suffix) + [0] * pad)
+    from_field = run("prefix_lm(24, sep=';')", {"prefix": "describe", "caption": "a red circle"},
+                     tokenizer=tokenizer)
+    np.testing.assert_array_equal(from_field["text"], out["text"])
+    cut = run("prefix_lm(5, prompt='describe', sep=';')", {"caption": "a red circle"}, tokenizer=tokenizer)
+    np.testing.assert_array_equal(cut["text"], (prefix + suffix)[:5])
+    np.testing.assert_array_equal(cut["mask_loss"], ([0] * len(prefix) + [1] * len(suffix))[:5])
+    with pytest.raises(SampleError, match="no_caption: no field 'prefix'"):
+        run("prefix_lm(24, sep=';')", {"caption": "a red circle"}, tokenizer=tokenizer)
+    with pytest.raises(DataError, match=r"^prefix_lm separator '\\n' encodes to no ids with tokenizer .*spm.model; "
+                                        r"pass another sep, e.g. sep=';'$"):
+        run("prefix_lm(24)", {}, tokenizer=tokenizer)
+
+
+def test_bos_from_a_model_without_one_is_a_one_line_error(tmp_path):
+    """Models trained before BOS was reserved (bos_id=-1) still encode; asking them for BOS fails at build."""
+    path = str(tmp_path / "no_bos.model")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["a red circle", "a blue square"] * 50),
+                                   model_prefix=path[:-len(".model")], vocab_size=20, pad_id=0, eos_id=1,
+                                   unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
+    assert run("tokenize(6)", {"caption": "a red circle"}, tokenizer=path)["text"].shape == (6,)
+    message = (f"^tokenizer {path} has no BOS piece: retrain it with `python -m data_pipelines.tokenizer train` "
+               r"\(which reserves id 3 for BOS\)$")
+    for spec in ("tokenize(6, bos=True)", "caption_targets(6)", "prefix_lm(6, sep='a')"):
+        with pytest.raises(DataError, match=message):
+            ops.build(spec, tokenizer=path)
