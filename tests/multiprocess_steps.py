@@ -1,5 +1,6 @@
 """One process of a multi-host job (started by launch/local.py): 5 train steps of the tiny model on the
-global mesh, each process feeding only its rows of the same global batches; process 0 prints the losses.
+global mesh, each process feeding only its rows of the same global batches; process 0 prints the losses and
+the gradient norms (before clipping), as tests/test_train_step.py's run_steps returns them.
 
     python -m launch.local --processes 2 --devices-per-process 4 -- python tests/multiprocess_steps.py data=2 fsdp=2 tensor=2
 """
@@ -11,11 +12,7 @@ import jax
 import numpy as np
 
 from vlm_jax.parallel.distributed import initialize, options_from_env
-from vlm_jax.parallel.mesh import make_mesh
-from vlm_jax.parallel.sharding import batch_sharding
-from vlm_jax.tasks import get_task
-from vlm_jax.train_state import init_train_state, make_state_layout
-from vlm_jax.train_step import make_train_step
+from vlm_jax.train_state import init_train_state
 
 
 def local_rows(sharding, global_array: np.ndarray) -> np.ndarray:
@@ -27,23 +24,20 @@ def local_rows(sharding, global_array: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     initialize(options_from_env())
-    from test_train_step import make_batch, tiny_config  # the same model and batches as the 1-device run
+    from test_train_step import make_batch, setup, tiny_config  # the same model, step and batches as 1 device
     mesh_sizes = dict(item.split("=") for item in sys.argv[1:])
     config = tiny_config(**{axis: int(size) for axis, size in mesh_sizes.items()})
-    mesh = make_mesh(config.mesh)
-    sharding = batch_sharding(mesh, config.sharding_rules)
-    task = get_task(config, mesh)
-    layout = make_state_layout(task, config, mesh)
-    step = make_train_step(task, layout, sharding)
-    state, losses = init_train_state(layout, 0), []
+    layout, sharding, step = setup(config, jax.devices())
+    state, history = init_train_state(layout, 0), {"loss": [], "grad_norm": []}
     for i in range(5):
         batch = {key: jax.make_array_from_process_local_data(sharding, local_rows(sharding, value), value.shape)
                  for key, value in make_batch(i).items()}
         state, metrics = step(state, batch)
-        losses.append(float(metrics["loss"]))
+        for key in history:
+            history[key].append(float(metrics[key]))
     if jax.process_index() == 0:
-        print("LOSSES " + json.dumps({"processes": jax.process_count(), "devices": jax.device_count(),
-                                      "losses": losses}), flush=True)
+        print("HISTORY " + json.dumps({"processes": jax.process_count(), "devices": jax.device_count(),
+                                       "history": history}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Real multi-process jobs over jax.distributed on 127.0.0.1 (gloo): 2 processes x 4 CPU devices train like
-1 device and like 8 simulated devices; an unreachable coordinator is a one-line error."""
+1 device and like 8 simulated devices (losses and gradient norms); a 2-process run resumed from its checkpoint
+ends where an uninterrupted one does; an unreachable coordinator and an automatic start-up with no cluster to
+detect are one-line errors."""
 
 import json
 import os
@@ -10,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from test_train_step import run_steps, tiny_config
+from test_train_step import assert_same_history, run_steps, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,11 +29,11 @@ def test_two_processes_match_one_and_eight_devices(mesh):
          *(f"{axis}={size}" for axis, size in mesh.items())],
         cwd=ROOT, capture_output=True, text=True, timeout=450)
     assert job.returncode == 0, job.stdout[-3000:]
-    [line] = [line for line in job.stdout.splitlines() if "LOSSES " in line]
-    result = json.loads(line.split("LOSSES ", 1)[1])
+    [line] = [line for line in job.stdout.splitlines() if "HISTORY " in line]
+    result = json.loads(line.split("HISTORY ", 1)[1])
     assert result["processes"] == 2 and result["devices"] == 8
-    np.testing.assert_allclose(eight, single, rtol=1e-5)
-    np.testing.assert_allclose(result["losses"], single, rtol=1e-5)
+    assert_same_history(eight, single)
+    assert_same_history(result["history"], single)
 
 
 def test_unreachable_coordinator_is_a_one_line_error(tmp_path):
@@ -45,9 +47,30 @@ def test_unreachable_coordinator_is_a_one_line_error(tmp_path):
     assert "cannot reach the coordinator 127.0.0.1:9 within 3 s" in errors[0]
 
 
+CLUSTER_ENV_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "KUBERNETES_", "JAX_COORDINATOR",
+                        "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "VLM_JAX_")
+
+
+@pytest.mark.parametrize("cluster_env, cause", [
+    ({}, "coordinator_address should be defined."),  # no cluster at all
+    ({"OMPI_MCA_orte_hnp_uri": "4096.0;unparsable"},  # an Open MPI launch the runtime cannot read
+     "Could not parse coordinator IP address from Open MPI environment.")])
+def test_automatic_start_up_without_a_usable_cluster_is_a_one_line_error(tmp_path, cluster_env, cause):
+    env = {key: value for key, value in os.environ.items() if not key.startswith(CLUSTER_ENV_PREFIXES)}
+    result = subprocess.run(
+        [sys.executable, "-m", "vlm_jax.train", "--config=configs/demo/clip_tiny.py", f"--workdir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**env, **cluster_env, "VLM_JAX_AUTO_DISTRIBUTED": "1", "VLM_JAX_DISTRIBUTED_TIMEOUT_S": "3"})
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "VLM_JAX_AUTO_DISTRIBUTED=1 but jax.distributed.initialize() could not join a job" in errors[0]
+    assert errors[0].endswith(cause), errors[0]
+
+
 @pytest.mark.slow
 def test_train_cli_as_a_two_process_job_checkpoints_and_resumes(tmp_path):
-    """vlm_jax.train under launch/local.py: process 0 logs, both write checkpoint and data-iterator shards."""
+    """vlm_jax.train under launch/local.py: process 0 logs, both write checkpoint and data-iterator shards, and
+    10 steps + a resume to 15 log the losses of 15 uninterrupted steps."""
     data = tmp_path / "data"
     subprocess.run([sys.executable, "-m", "data_pipelines.make_shards", "synthetic", "--out", str(data),
                     "--train-samples", "256", "--eval-samples", "48", "--image-size", "16",
@@ -57,11 +80,11 @@ def test_train_cli_as_a_two_process_job_checkpoints_and_resumes(tmp_path):
                    capture_output=True)
     from test_train_cli import TINY
 
-    def train(steps):
+    def train(steps, workdir="run"):
         return subprocess.run(
             [sys.executable, "-m", "launch.local", "--processes", "2", "--devices-per-process", "4",
              "--timeout-s", "400", "--", sys.executable, "-m", "vlm_jax.train",
-             f"--config=configs/demo/clip_tiny.py:{data}", f"--workdir={tmp_path / 'run'}", *TINY,
+             f"--config=configs/demo/clip_tiny.py:{data}", f"--workdir={tmp_path / workdir}", *TINY,
              "--config.mesh.fsdp=2", f"--config.total_steps={steps}"],
             cwd=ROOT, capture_output=True, text=True, timeout=450)
     first = train(10)
@@ -71,6 +94,15 @@ def test_train_cli_as_a_two_process_job_checkpoints_and_resumes(tmp_path):
                                                                             "process_1-of-2.json"]
     second = train(15)
     assert second.returncode == 0 and "[0] resumed from" in second.stdout, second.stdout[-3000:]
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
-             if "loss" in line]
-    assert steps == [5, 10, 15]
+    resumed = logged_losses(tmp_path / "run")
+    assert list(resumed) == [5, 10, 15]
+    uninterrupted = train(15, workdir="uninterrupted")
+    assert uninterrupted.returncode == 0, uninterrupted.stdout[-3000:]
+    expected = logged_losses(tmp_path / "uninterrupted")
+    np.testing.assert_allclose([resumed[10], resumed[15]], [expected[10], expected[15]], rtol=1e-6)
+
+
+def logged_losses(workdir) -> dict[int, float]:
+    """{step: loss} of the training lines of a workdir's metrics.jsonl."""
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {line["step"]: line["loss"] for line in lines if "loss" in line}

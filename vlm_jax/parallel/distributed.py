@@ -52,10 +52,20 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
             time.sleep(0.5)
 
 
+def join(failure: str, **initialize_args) -> None:
+    """jax.distributed.initialize(**initialize_args); a failure is one ConfigError line, `failure` + the cause."""
+    try:
+        jax.distributed.initialize(**initialize_args)
+    except Exception as e:  # the runtime raises XlaRuntimeError / RuntimeError with long multi-line texts
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{failure}: {cause}") from None
+
+
 def initialize(options: DistributedOptions) -> None:
-    """Joins the job's processes (no-op for a single process); fails in one line if the coordinator is gone."""
+    """Joins the job's processes (no-op for a single process); any failure to join is one ConfigError line."""
     if os.environ.get("VLM_JAX_AUTO_DISTRIBUTED") == "1":
-        jax.distributed.initialize(initialization_timeout=options.timeout_s)
+        join("VLM_JAX_AUTO_DISTRIBUTED=1 but jax.distributed.initialize() could not join a job (it detects "
+             "Cloud TPU VMs, SLURM, Open MPI and Kubernetes)", initialization_timeout=options.timeout_s)
         return
     if options.num_processes <= 1:
         return
@@ -67,11 +77,7 @@ def initialize(options: DistributedOptions) -> None:
         wait_for_coordinator(options.coordinator, options.timeout_s)
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    try:
-        jax.distributed.initialize(options.coordinator, options.num_processes, options.process_id,
-                                   initialization_timeout=options.timeout_s)
-    except Exception as e:  # the runtime raises XlaRuntimeError / RuntimeError with long multi-line texts
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"cannot join the job through coordinator {options.coordinator} as process "
-                          f"{options.process_id} of {options.num_processes} within {options.timeout_s} s: "
-                          f"{first_line}") from None
+    join(f"cannot join the job through coordinator {options.coordinator} as process {options.process_id} of "
+         f"{options.num_processes} within {options.timeout_s} s", coordinator_address=options.coordinator,
+         num_processes=options.num_processes, process_id=options.process_id,
+         initialization_timeout=options.timeout_s)
