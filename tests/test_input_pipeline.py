@@ -261,3 +261,17 @@ def test_tokenizer_training_reserves_bos_and_lower_cases_only_by_default(tmp_pat
     assert pieces[False] == pieces[False].lower() and "R" in pieces[True]
     cased = Tokenizer(str(tmp_path / "spm1.model"))
     assert 2 not in cased.encode(["A Red Circle"], 12, lower=False)  # every piece known when the case is kept
+
+
+def test_batches_carry_the_decoder_fields(synthetic_shards):
+    fields = ("text_input", "text_target", "text_loss_mask")
+    pp = f"decode_rrc(16)|caption_targets(12)|keep('image', {', '.join(map(repr, fields))})"
+    iterator = iter(make_train_dataset(options(synthetic_shards, pp=pp)))
+    batch = next(iterator)
+    iterator.close()
+    assert sorted(batch) == sorted(("image",) + fields)
+    assert all(batch[f].shape == (8, 12) and batch[f].dtype == np.int32 for f in fields)
+    assert (batch["text_input"][:, 0] == 3).all()  # BOS
+    np.testing.assert_array_equal(batch["text_input"][:, 1:] * batch["text_loss_mask"][:, 1:],
+                                  batch["text_target"][:, :-1] * batch["text_loss_mask"][:, 1:])
+    assert (batch["text_target"][batch["text_loss_mask"] == 0] == 0).all()
