@@ -9,13 +9,17 @@
 DIR/classnames.json and DIR/templates.json for zero-shot evaluation, and a sizes.json per split.
 `folder` (images with captions in .txt files beside them) and `csv` (image paths and captions) write
 DIR/{00000..}.tar and DIR/sizes.json, plus DIR/classnames.json with --labels-from-dirs; both take
-[--samples-per-shard 1000] [--shuffle-seed S] [--resize-max N]. Images PIL cannot read, and formats other
-than JPEG, PNG and WebP, are skipped and counted.
+[--samples-per-shard 1000] [--shuffle-seed S] [--resize-max N] [--overwrite]. Samples whose files cannot be
+read, captions that are not UTF-8, images PIL cannot read and formats other than JPEG, PNG and WebP are skipped
+and counted. DIR/progress.json records the settings and each finished shard: the same command run again over
+an interrupted run's folder resumes it (finished shards are kept); --overwrite replaces earlier shards.
+A worker process that dies (killed by the OS) ends the run with one line; *.partial files never remain.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import glob
 import io
 import json
@@ -24,7 +28,8 @@ import os
 import struct
 import sys
 from collections import Counter
-from typing import TYPE_CHECKING
+from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -36,6 +41,7 @@ SPLIT_SEEDS = {"train": 0, "eval": 1}
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # what shard readers decode
 PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
 RESIZE_JPEG_QUALITY = 95
+PROGRESS_FILE = "progress.json"
 
 if TYPE_CHECKING:
     import grain
@@ -45,6 +51,36 @@ def encode_jpeg(image, quality: int) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+class WorkerDied(RuntimeError):
+    """A worker process ended without finishing its shard (killed by the OS, out of memory)."""
+
+
+def run_in_workers(function: Callable, jobs: list, initializer: Callable | None = None,
+                   initargs: tuple = ()) -> Iterator[tuple]:
+    """(job, function(job)) for every job, in the order they finish, from spawned worker processes.
+
+    A worker that dies raises WorkerDied at once, instead of waiting for ever on its lost task.
+    """
+    if not jobs:
+        return
+    pool = concurrent.futures.ProcessPoolExecutor(min(len(jobs), os.cpu_count() or 1),
+                                                  multiprocessing.get_context("spawn"), initializer, initargs)
+    try:
+        futures = {pool.submit(function, job): job for job in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            yield futures[future], future.result()
+    except BrokenProcessPool:
+        raise WorkerDied("a worker process died (killed by the OS? out of memory?)") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def remove_partial_files(directory: str) -> None:
+    """Deletes the *.partial files shard writers leave when they are killed."""
+    for path in glob.glob(os.path.join(glob.escape(directory), "*.partial")):
+        os.remove(path)
 
 
 def write_synthetic_shard(job: tuple) -> tuple[str, int]:
@@ -71,8 +107,12 @@ def make_synthetic(args: argparse.Namespace) -> None:
             count = min(args.samples_per_shard, total - first)
             jobs.append((split_dir, split, shard_index, first, count, args.image_size, args.jpeg_quality,
                          args.seed))
-    with multiprocessing.get_context("spawn").Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
-        written = pool.map(write_synthetic_shard, jobs)
+    try:
+        written = dict(run_in_workers(write_synthetic_shard, jobs))
+    finally:
+        for split in SPLIT_SEEDS:
+            remove_partial_files(os.path.join(args.out, split))
+    written = [written[job] for job in jobs]
     for split in ("train", "eval"):
         split_dir = os.path.join(args.out, split)
         write_sizes(split_dir, {name: n for job, (name, n) in zip(jobs, written) if job[0] == split_dir})
@@ -124,7 +164,14 @@ def write_source_shard(job: tuple[str, int, int, int, int | None]) -> tuple[str,
     out_dir, shard_index, first, count, resize_max = job
     samples, skipped = [], Counter()
     for index in range(first, first + count):
-        raw = _source[index]
+        try:
+            raw = _source[index]
+        except UnicodeDecodeError:  # a caption file that is not UTF-8
+            skipped["caption_not_utf8"] += 1
+            continue
+        except OSError:  # an image or caption file that vanished or cannot be read
+            skipped["unreadable_file"] += 1
+            continue
         try:
             image, extension, sizes = prepare_image(raw["image"], resize_max)
         except SkippedImage as e:
@@ -145,25 +192,75 @@ def open_source(args: argparse.Namespace) -> tuple[grain.MapDataset, list[str] |
     return csv_samples(args.csv, args.csv_img_key, args.csv_caption_key, args.csv_separator), None
 
 
+def source_settings(args: argparse.Namespace, total: int) -> dict:
+    """What decides the shards' content: a resumed run must have the same."""
+    settings = {name: value for name, value in sorted(vars(args).items()) if name not in ("out", "overwrite")}
+    return {**settings, "samples": total}
+
+
+def finished_shards(out: str, settings: dict, overwrite: bool) -> dict[str, dict]:
+    """Shards an earlier run with these settings finished (kept), after removing what must be rewritten.
+
+    Raises ValueError if `out` holds shards that this command did not write and `overwrite` is off.
+    """
+    progress_path = os.path.join(out, PROGRESS_FILE)
+    shards = glob.glob(os.path.join(glob.escape(out), "*.tar"))
+    progress = {}
+    if os.path.isfile(progress_path):
+        with open(progress_path) as f:
+            progress = json.load(f)
+    if overwrite or progress.get("settings") != settings:
+        if shards and not overwrite:
+            why = "written with other settings" if progress else "not written by make_shards"
+            raise ValueError(f"{out} already holds .tar shards {why}; pass --overwrite to replace them or write to "
+                             "an empty folder")
+        progress = {}
+    finished = {name: shard for name, shard in progress.get("shards", {}).items()
+                if os.path.isfile(os.path.join(out, name))}
+    for path in shards:
+        if os.path.basename(path) not in finished:
+            os.remove(path)
+    return finished
+
+
+def save_progress(out: str, settings: dict, finished: dict[str, dict]) -> None:
+    """Writes DIR/progress.json atomically."""
+    path = os.path.join(out, PROGRESS_FILE)
+    with open(f"{path}.partial", "w") as f:
+        json.dump({"settings": settings, "shards": dict(sorted(finished.items()))}, f, indent=1)
+    os.replace(f"{path}.partial", path)
+
+
 def make_from_source(dataset: grain.MapDataset, classes: list[str] | None, args: argparse.Namespace) -> None:
-    """Writes the samples to args.out in shards of args.samples_per_shard, one pool task per shard."""
+    """Writes the samples to args.out in shards of args.samples_per_shard, one worker task per shard; resumes
+    the shards an interrupted run with the same settings left unfinished."""
     os.makedirs(args.out, exist_ok=True)
     if args.shuffle_seed is not None:
         dataset = dataset.shuffle(seed=args.shuffle_seed)
     total, per_shard = len(dataset), args.samples_per_shard
+    settings = source_settings(args, total)
+    finished = finished_shards(args.out, settings, args.overwrite)
+    kept = len(finished)
+    remove_partial_files(args.out)  # left by a run that was killed
     jobs = [(args.out, shard_index, first, min(per_shard, total - first), args.resize_max)
-            for shard_index, first in enumerate(range(0, total, per_shard))]
-    with multiprocessing.get_context("spawn").Pool(min(len(jobs), os.cpu_count() or 1), use_source,
-                                                   (dataset,)) as pool:
-        written = pool.map(write_source_shard, jobs)
-    write_sizes(args.out, {name: count for name, count, _ in written})
+            for shard_index, first in enumerate(range(0, total, per_shard))
+            if f"{shard_index:05d}.tar" not in finished]
+    save_progress(args.out, settings, finished)
+    try:
+        for _, (name, count, skipped) in run_in_workers(write_source_shard, jobs, use_source, (dataset,)):
+            finished[name] = {"samples": count, "skipped": dict(skipped)}
+            save_progress(args.out, settings, finished)
+    finally:
+        remove_partial_files(args.out)
+    write_sizes(args.out, {name: shard["samples"] for name, shard in finished.items()})
     if classes is not None:
         with open(os.path.join(args.out, "classnames.json"), "w") as f:
             json.dump(classes, f)
-    skipped = sum((reasons for _, _, reasons in written), Counter())
+    skipped = sum((Counter(shard["skipped"]) for shard in finished.values()), Counter())
     reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items()))
-    print(f"wrote {sum(count for _, count, _ in written)} samples in {len(written)} shards to {args.out}; "
-          f"skipped {skipped.total()}" + (f" ({reasons})" if reasons else ""))
+    resumed = f" ({kept} kept from an earlier run)" if kept else ""
+    print(f"wrote {sum(shard['samples'] for shard in finished.values())} samples in {len(finished)} shards"
+          f"{resumed} to {args.out}; skipped {skipped.total()}" + (f" ({reasons})" if reasons else ""))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -181,6 +278,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     common.add_argument("--out", required=True)
     common.add_argument("--samples-per-shard", type=int, default=1_000)
     common.add_argument("--shuffle-seed", type=int, help="shuffle the samples before sharding (default: in order)")
+    common.add_argument("--overwrite", action="store_true",
+                        help="replace shards already in --out (default: resume a run with the same settings)")
     common.add_argument("--resize-max", type=int, metavar="N",
                         help=f"re-encode images whose longer side exceeds N as JPEG (quality "
                              f"{RESIZE_JPEG_QUALITY}) at N, aspect kept (default: store the original bytes)")
@@ -208,17 +307,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.source == "synthetic":
-        make_synthetic(args)
-        return 0
     try:
-        dataset, classes = open_source(args)
-        if glob.glob(os.path.join(glob.escape(args.out), "*.tar")):
-            raise ValueError(f"{args.out} already holds .tar shards; write to an empty folder")
-    except (FileNotFoundError, ValueError) as e:
+        if args.source == "synthetic":
+            make_synthetic(args)
+        else:
+            dataset, classes = open_source(args)
+            make_from_source(dataset, classes, args)
+    except (FileNotFoundError, ValueError) as e:  # bad input
         print(f"error: {e}", file=sys.stderr)
         return 2
-    make_from_source(dataset, classes, args)
+    except (WorkerDied, OSError) as e:
+        print(f"error: {e}; run the same command again to finish", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -26,17 +27,22 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shard(path: str, samples: Iterable[ShardSample]) -> int:
-    """Writes samples to one tar atomically (via {path}.partial); returns the count."""
+    """Writes samples to one tar atomically (via {path}.partial, removed if writing fails); returns the count."""
     partial, count = f"{path}.partial", 0
-    with tarfile.open(partial, "w") as tar:
-        for sample in samples:
-            add_member(tar, f"{sample.key}.{sample.extension}", sample.image)
-            meta = {"key": sample.key}
-            if sample.caption is not None:
-                add_member(tar, f"{sample.key}.txt", sample.caption.encode())
-                meta["caption"] = sample.caption
-            add_member(tar, f"{sample.key}.json", json.dumps({**meta, **sample.meta}).encode())
-            count += 1
+    try:
+        with tarfile.open(partial, "w") as tar:
+            for sample in samples:
+                add_member(tar, f"{sample.key}.{sample.extension}", sample.image)
+                meta = {"key": sample.key}
+                if sample.caption is not None:
+                    add_member(tar, f"{sample.key}.txt", sample.caption.encode())
+                    meta["caption"] = sample.caption
+                add_member(tar, f"{sample.key}.json", json.dumps({**meta, **sample.meta}).encode())
+                count += 1
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
+        raise
     os.replace(partial, path)
     return count
 
