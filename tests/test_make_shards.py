@@ -1,15 +1,23 @@
 """make_shards folder / csv: tiny image folders and CSV files written here, shards read back with tarfile."""
 
+import contextlib
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 
 import pytest
 from PIL import Image
 
 from data_pipelines.folder_source import csv_samples, folder_samples
 from data_pipelines.make_shards import main
+from data_pipelines.shard_writer import ShardSample, write_shard
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def encoded(size: tuple[int, int], fmt: str, colour: tuple[int, int, int] = (200, 40, 10)) -> bytes:
@@ -146,7 +154,8 @@ def test_csv_samples_tsv_and_given_separator(tmp_path):
     (["folder", "--root", "{tmp}/flat", "--labels-from-dirs"],
      "error: image {tmp}/flat/x.jpg is not in a class folder (labels_from_dirs expects root/<class>/<image>)"),
     (["csv", "--csv", "{tmp}/list.csv", "--out", "{tmp}/full"],
-     "error: {tmp}/full already holds .tar shards; write to an empty folder"),
+     "error: {tmp}/full already holds .tar shards not written by make_shards; pass --overwrite to replace them "
+     "or write to an empty folder"),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, capsys, argv, message):
     write(tmp_path / "p.jpg", encoded((4, 4), "JPEG"))
@@ -167,3 +176,90 @@ def test_synthetic_still_writes_jpeg_shards(tmp_path):
     members = dict(read_shards(tmp_path / "eval")["00000.tar"])
     assert sorted(members)[:3] == ["000000000.jpg", "000000000.json", "000000000.txt"]
     assert json.loads(members["000000001.json"])["caption"] == members["000000001.txt"].decode()
+
+
+def test_unreadable_files_and_captions_that_are_not_utf8_are_skipped_and_counted(folder, tmp_path, capsys):
+    root, _ = folder
+    write(root / "sub/f.jpg", encoded((4, 4), "JPEG"))
+    write(root / "sub/f.txt", b"caf\xe9 au lait")  # Latin-1, not UTF-8
+    os.symlink(tmp_path / "deleted.jpg", root / "g.jpg")  # listed, gone when read
+    out = tmp_path / "shards"
+    assert main(["folder", "--root", str(root), "--out", str(out), "--samples-per-shard", "3"]) == 0
+    assert capsys.readouterr().out == (f"wrote 4 samples in 3 shards to {out}; skipped 3 (caption_not_utf8: 1, "
+                                       "corrupt_image: 1, unreadable_file: 1)\n")
+    assert sum(json.loads((out / "sizes.json").read_text()).values()) == 4
+
+
+def test_rerun_resumes_an_interrupted_run_and_overwrite_replaces(folder, tmp_path, capsys):
+    root, _ = folder
+    out = tmp_path / "shards"
+    argv = ["folder", "--root", str(root), "--out", str(out), "--samples-per-shard", "2"]
+    assert main(argv) == 0
+    complete = read_shards(out)
+    # As a run killed while writing shard 1 leaves it: no 00001.tar, a .partial, progress without the shard.
+    os.remove(out / "00001.tar")
+    write(out / "00001.tar.partial", b"half a shard")
+    progress = json.loads((out / "progress.json").read_text())
+    del progress["shards"]["00001.tar"]
+    (out / "progress.json").write_text(json.dumps(progress))
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert capsys.readouterr().out == (f"wrote 4 samples in 3 shards (2 kept from an earlier run) to {out}; "
+                                       "skipped 1 (corrupt_image: 1)\n")
+    assert read_shards(out) == complete and sorted(os.listdir(out)) == [
+        "00000.tar", "00001.tar", "00002.tar", "progress.json", "sizes.json"]
+    assert main(argv[:-1] + ["3"]) == 2  # other settings: refused without --overwrite
+    assert "written with other settings; pass --overwrite" in capsys.readouterr().err
+    assert main(argv[:-1] + ["3", "--overwrite"]) == 0
+    assert sorted(read_shards(out)) == ["00000.tar", "00001.tar"]
+    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 3, "00001.tar": 1}
+
+
+def test_a_failed_shard_write_leaves_no_partial_file(tmp_path):
+    def samples():
+        yield ShardSample("000000000", encoded((4, 4), "JPEG"), "jpg", "a caption", {})
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_shard(str(tmp_path / "00000.tar"), samples())
+    assert os.listdir(tmp_path) == []
+
+
+def worker_pids(parent: int) -> list[int]:
+    """Processes started by `parent` through multiprocessing's spawn."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                spawned = b"--multiprocessing-fork" in f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and spawned:
+            pids.append(int(entry))
+    return pids
+
+
+def test_a_killed_worker_fails_the_run_with_one_line(folder, tmp_path):
+    root, _ = folder
+    os.mkfifo(root / "sub/d.txt")  # d's caption: reading it waits for a writer that never comes
+    out = tmp_path / "shards"
+    run = subprocess.Popen([sys.executable, "-m", "data_pipelines.make_shards", "folder", "--root", str(root),
+                            "--out", str(out), "--samples-per-shard", "1"], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (workers := worker_pids(run.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert workers, "no worker process started"
+        os.kill(workers[0], signal.SIGKILL)  # as the OS's out-of-memory killer would
+        _, err = run.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)  # the run, and its workers if it hung
+        run.wait()
+    assert run.returncode == 1
+    assert err == ("error: a worker process died (killed by the OS? out of memory?); run the same command again "
+                   "to finish\n")
+    assert not [name for name in os.listdir(out) if name.endswith(".partial")]
