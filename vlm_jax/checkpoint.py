@@ -10,17 +10,28 @@ import orbax.checkpoint as ocp
 
 from vlm_jax.pytree import leaves_with_path_str
 from vlm_jax.train_state import TrainState
+from vlm_jax.workdir import resolve
 
 
 class CheckpointMismatchError(ValueError):
     """The workdir holds a checkpoint of a different model."""
 
 
-def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
+def make_manager(workdir: str | os.PathLike, keep: int) -> ocp.CheckpointManager:
+    """The manager of `workdir/checkpoints` (local, gs:// or s3://)."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True,
+                                           cleanup_tmp_directories=True)  # a killed run's partial save
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options,
-                                 item_handlers=handlers)
+    return ocp.CheckpointManager(resolve(workdir) / "checkpoints", options=options, item_handlers=handlers)
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+    """Completes the save in flight (orbax commits it atomically) and releases the manager; call it on every
+    exit path. A save cut short by kill -9 leaves a temporary directory that the next manager removes."""
+    try:
+        manager.wait_until_finished()
+    finally:
+        manager.close()
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: TrainState,
@@ -35,6 +46,10 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState,
 def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> None:
     """Fails with one line when the stored parameter shapes differ from the configured model's."""
     stored = manager.item_metadata(step)["state"]
+    missing = sorted(set(abstract_state) - set(stored))
+    if missing:
+        raise CheckpointMismatchError(f"{manager.directory} holds a checkpoint from an older vlm_jax (its train "
+                                      f"state has no {', '.join(missing)}); use a new workdir")
     stored_shapes = {path: tuple(meta.shape) for path, meta in leaves_with_path_str(stored["params"])}
     expected = {path: tuple(x.shape) for path, x in leaves_with_path_str(abstract_state["params"])}
     directory = manager.directory

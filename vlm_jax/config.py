@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 import ml_collections
+from etils import epath
 from ml_collections import config_dict
 
 
@@ -108,10 +109,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 0
     c.optim.decay = "cosine"
     c.optim.end_lr_factor = 0.0
+    # First-moment decay: AdamW's (bias-corrected) mu; Adafactor's momentum (not bias-corrected; 0: none).
     c.optim.b1 = 0.9
+    # Second-moment decay: AdamW's nu; for Adafactor the cap on its 1 - (step+1)^-0.8 decay (Zhai et al. 2021).
     c.optim.b2 = 0.95
-    c.optim.moments_dtype = "float32"  # AdamW's first moment in bfloat16 halves its memory (second stays float32)
-    c.optim.eps = 1e-8
+    # dtype of the first moment (AdamW's mu / Adafactor's momentum); bfloat16 halves its memory. The second moment
+    # stays float32. Adafactor without momentum (b1 = 0) refuses a non-default value.
+    c.optim.moments_dtype = "float32"
+    c.optim.eps = 1e-8  # AdamW's denominator epsilon; Adafactor refuses a non-default value
+    # Decoupled: every step subtracts lr(step) * weight_decay * param (parameters not matched by no_decay), for
+    # AdamW and Adafactor alike.
     c.optim.weight_decay = 1e-4
     c.optim.grad_clip_norm = 1.0
     c.optim.no_decay = r"(^|/)(bias|scale|embedding|posemb|cls_token|probe|logit_scale|logit_bias)$"
@@ -278,17 +285,16 @@ def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, An
     return flat
 
 
-def save_config(config: ml_collections.ConfigDict, path: str) -> None:
-    with open(path, "w") as f:
-        f.write(config.to_json(indent=2))
+def save_config(config: ml_collections.ConfigDict, path: epath.Path) -> None:
+    epath.Path(path).write_text(config.to_json(indent=2))
 
 
-def load_saved_config(path: str) -> ml_collections.ConfigDict:
+def load_saved_config(path: epath.Path) -> ml_collections.ConfigDict:
     """Reads a config written by `save_config` back onto the base config (types restored)."""
-    if not os.path.isfile(path):
+    path = epath.Path(path)
+    if not path.is_file():
         raise ConfigError(f"no saved config at {path}; was this workdir written by vlm_jax.train?")
-    with open(path) as f:
-        saved = json.load(f)
+    saved = json.loads(path.read_text())
     config = base_config()
     _assign_saved(config, saved, path)
     validate(config)
@@ -303,6 +309,33 @@ def _assign_saved(node: ml_collections.ConfigDict, saved: dict, path: str, prefi
             _assign_saved(node[key], value, path, f"{prefix}{key}.")
         else:
             node[key] = to_tuples(value) if isinstance(node[key], tuple) else value
+
+
+# Keys a resumed run may change: how the same computation is run, logged, checkpointed and evaluated. Any other
+# change (the schedule, the optimizer, the model, the data stream) needs an explicit allowance.
+RESUMABLE_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "microbatches", "mesh.",
+                  "sharding_rules", "model.attention_impl", "model.loss_impl", "model.image.remat",
+                  "model.text.remat", "data.num_workers", "data.worker_buffer_size", "data.read_", "data.eval_",
+                  "data.pp_eval", "data.classnames", "data.templates")
+
+
+def resume_changes(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> dict[str, tuple]:
+    """{key: (saved value, new value)} for every key whose value differs."""
+    old, new = flatten(saved), flatten(config)
+    return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
+            if to_tuples(old.get(key)) != to_tuples(new.get(key))}
+
+
+def check_resume_changes(changes: dict[str, tuple], allowed: set[str], source: str) -> None:
+    """Refuses, naming the first key, a change a resumed run may not make silently (see RESUMABLE_KEYS) unless
+    it is in `allowed` (the trainer's --allow-change flag; "all" allows everything)."""
+    if "all" in allowed:
+        return
+    for key, (old, new) in changes.items():
+        if not key.startswith(RESUMABLE_KEYS) and key not in allowed:
+            raise ConfigError(f"config key {key!r} is {new!r} but the run in {source} used {old!r}: resuming with it "
+                              f"would change the schedule, the model or the data; pass --allow-change={key} to "
+                              "resume anyway, or use a new workdir")
 
 
 def to_tuples(value: Any) -> Any:

@@ -28,6 +28,7 @@ from vlm_jax.parallel.mesh import make_mesh
 from vlm_jax.parallel.sharding import activation_sharding, batch_sharding, data_parallel_size
 from vlm_jax.tasks import get_task
 from vlm_jax.train_state import StateLayout, make_state_layout
+from vlm_jax.workdir import resolve
 
 # Bad input: one `error:` line and exit 2, as vlm_jax.train does.
 USER_ERRORS = (ConfigError, checkpoint.CheckpointMismatchError, FileNotFoundError, ValueError, DataError)
@@ -150,15 +151,18 @@ def run_evaluators(embedders: Embedders, params: Any, data: EvalData, sharding: 
 def evaluate_workdir(workdir: str) -> dict[str, Any]:
     """Evaluates the newest checkpoint in `workdir` with the config saved there; FloatingPointError when the
     checkpoint's embeddings are not finite."""
-    config = load_saved_config(os.path.join(workdir, "config.json"))
+    config = load_saved_config(resolve(workdir) / "config.json")
     mesh = make_mesh(config.mesh)
     task = get_task(config)
     layout = make_state_layout(task, config, mesh)
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-    params = checkpoint.restore_params(manager, step, layout.abstract_state)
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+        params = checkpoint.restore_params(manager, step, layout.abstract_state)
+    finally:
+        manager.close()
     data = load_eval_data(config)
     if data is None:
         raise ConfigError("config.data.eval_shards is not set: nothing to evaluate on")
@@ -184,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     if jax.process_index() == 0:
-        with open(os.path.join(args.workdir, "eval_results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        (resolve(args.workdir) / "eval_results.json").write_text(json.dumps(results, indent=2))
         print(json.dumps(results))
     return 0
 

@@ -14,25 +14,23 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from vlm_jax.workdir import open_rewritten, resolve
+
 
 class MetricsWriter:
     """Writes scalar metrics of step `step` to `workdir/metrics.jsonl` and `workdir/tensorboard/`."""
 
-    def __init__(self, workdir: str, resumed_step: int = 0, enabled: bool | None = None):
+    def __init__(self, workdir: str | os.PathLike, resumed_step: int = 0, enabled: bool | None = None):
         """Lines of `metrics.jsonl` after `resumed_step` (written before a crash) are dropped."""
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._jsonl = self._tensorboard = None
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            path = os.path.join(workdir, "metrics.jsonl")
-            kept = []
-            if os.path.exists(path):
-                with open(path) as f:
-                    kept = [line for line in f if step_of(line) <= resumed_step]
-            self._jsonl = open(path, "w")
-            self._jsonl.writelines(kept)
-            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            path = resolve(workdir) / "metrics.jsonl"
+            lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+            self._jsonl = open_rewritten(path, "".join(line for line in lines if step_of(line) <= resumed_step))
+            self._tensorboard = SummaryWriter(os.fspath(resolve(workdir) / "tensorboard"))
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:

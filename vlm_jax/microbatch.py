@@ -1,7 +1,12 @@
-"""Gradients over micro-batches with embeddings cached, so a contrastive batch keeps all its negatives.
+"""Gradients over micro-batches: the full batch's loss and gradients with one piece's activation memory.
 
-With `microbatches = k`, the batch is processed in k pieces (activation memory of one piece), and the loss and
-gradients are those of the full batch (GradCache, Gao et al. 2021):
+Plain accumulation (`accumulated_grads`), for losses that are a (weighted) mean of per-example or per-token terms:
+the micro-batch gradients are summed with weights `task.loss_weight(micro_batch) / total` (default: equal), so a
+per-token mean over the whole batch is reproduced exactly when the weight is the micro-batch's token count.
+
+Cached embeddings (`cached_embedding_grads`), for contrastive losses, where every example is a negative for every
+other: with `microbatches = k`, the batch is processed in k pieces and the loss and gradients are still those of
+the full batch (GradCache, Gao et al. 2021):
   1. embed every micro-batch without keeping activations -> all B image and text embeddings;
   2. the loss over all B pairs and its gradient with respect to the embeddings and the temperature;
   3. per micro-batch, recompute its embeddings and back-propagate the cached embedding gradients;
@@ -57,3 +62,25 @@ def cached_embedding_grads(task, merge_params: Callable[[Any], Any], params: Any
 
     grads, _ = jax.lax.scan(accumulate, grads, (micro, dzimg, dztxt))
     return (loss, metrics), grads
+
+
+def accumulated_grads(loss_of: Callable, task, params: Any, batch: dict[str, jax.Array], rng: jax.Array, k: int,
+                      ways: int) -> tuple[tuple[jax.Array, tuple[dict, Any]], Any]:
+    """((loss, (metrics, model_state)), grads) of the full batch from `k` micro-batches, in the form of
+    `jax.value_and_grad(loss_of, has_aux=True)(params, batch, rng)`. Micro-batch j draws its randomness from
+    fold_in(rng, j); metrics are weighted like the loss; the model state is the last micro-batch's."""
+    micro = {key: split(value, k, ways) for key, value in batch.items()}
+    weight_of = getattr(task, "loss_weight", None)
+    weights = jax.lax.map(weight_of, micro).astype(jnp.float32) if weight_of else jnp.ones((k,), jnp.float32)
+    weights = weights / jnp.sum(weights)
+
+    def accumulate(total, inputs):
+        micro_batch, weight, index = inputs
+        (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            params, micro_batch, jax.random.fold_in(rng, index))
+        return jax.tree.map(lambda t, g: t + weight * g, total, grads), (loss, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, (losses, (metrics, model_states)) = jax.lax.scan(accumulate, zeros, (micro, weights, jnp.arange(k)))
+    weighted = lambda x: jnp.tensordot(weights, x.astype(jnp.float32), axes=1)  # noqa: E731
+    return (weighted(losses), (jax.tree.map(weighted, metrics), jax.tree.map(lambda x: x[-1], model_states))), grads

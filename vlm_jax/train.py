@@ -8,12 +8,12 @@ Re-running the same command resumes from the newest complete checkpoint in DIR.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -22,8 +22,9 @@ from data_pipelines import input_pipeline
 from data_pipelines.samples import DataError
 from data_pipelines.tokenizer import Tokenizer
 from vlm_jax import checkpoint
-from vlm_jax.config import ConfigError, load_config, save_config
-from vlm_jax.evaluate import (EvalData, Embedders, eval_batch_size, load_eval_data, make_embedders,
+from vlm_jax.config import (ConfigError, check_resume_changes, load_config, load_saved_config, resume_changes,
+                            save_config)
+from vlm_jax.evaluate import (USER_ERRORS, EvalData, Embedders, eval_batch_size, load_eval_data, make_embedders,
                               run_evaluators)
 from vlm_jax.kernels.attention import check_backend
 from vlm_jax.metrics import IntervalAverager, MetricsWriter, Progress
@@ -31,11 +32,11 @@ from vlm_jax.parallel.distributed import DistributedOptions, initialize, options
 from vlm_jax.parallel.mesh import make_mesh
 from vlm_jax.parallel.param_table import log_parameter_table
 from vlm_jax.parallel.sharding import batch_sharding, data_parallel_size, to_global_batch
+from vlm_jax.run_health import FAILED, RAN_OUT, DataFeed, EndOfData, RunHealth, zeros_like_batch
 from vlm_jax.tasks import get_task
 from vlm_jax.train_state import init_train_state, make_state_layout, param_count
 from vlm_jax.train_step import make_train_step
-
-USER_ERRORS = (ConfigError, checkpoint.CheckpointMismatchError, FileNotFoundError, ValueError, DataError)
+from vlm_jax.workdir import resolve
 
 
 def log(message: str) -> None:
@@ -77,14 +78,30 @@ def evaluate_and_log(step, embedders: Embedders, params, eval_data: EvalData | N
     return results
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains (or resumes) to `config.total_steps`; returns the final evaluation results."""
-    os.makedirs(workdir, exist_ok=True)
+def accept_config(config: ml_collections.ConfigDict, saved_path, allow_changes: set[str]) -> None:
+    """On resume: refuses a changed schedule, model or data stream unless allowed, and logs what changed."""
+    changes = resume_changes(load_saved_config(saved_path), config)
+    check_resume_changes(changes, allow_changes, str(saved_path.parent))
+    for key, (old, new) in changes.items():
+        log(f"config change on resume: {key} {old!r} -> {new!r}")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, allow_changes: set[str] = frozenset()) -> dict[str, Any]:
+    """Trains (or resumes) to `config.total_steps`, or to the end of finite data; returns the final evaluation.
+
+    Only finite states are saved: a non-finite loss or gradient stops the run (FloatingPointError) before the
+    next save. Every exit, error or not, finishes the checkpoint save in flight and stops the data workers.
+    """
+    root = resolve(workdir)
+    root.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(config.mesh)
     sharding = batch_sharding(mesh, config.sharding_rules)
     ways = data_parallel_size(mesh, config.sharding_rules)
     if config.batch_size % ways:
         raise ConfigError(f"batch_size {config.batch_size} is not divisible by the data-parallel size {ways}")
+    if (config.batch_size // ways) % config.microbatches:
+        raise ConfigError(f"microbatches {config.microbatches} must divide the per-device batch "
+                          f"{config.batch_size // ways}")
     check_tokenizer_fits(config)
     check_backend(config.model.attention_impl)
     task = get_task(config, mesh)
@@ -92,70 +109,127 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     log(f"model: {param_count(layout):,} parameters; mesh {dict(mesh.shape)}")
     log_parameter_table(layout.abstract_state["params"], layout.shardings["params"], mesh.shape["fsdp"],
                         config.mesh.max_replicated_fraction, log)
-    data_iterator = make_train_iterator(config)
-    eval_data = load_eval_data(config)
-    manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
-    start = manager.latest_step() or 0
-    if start:
-        state = checkpoint.restore(manager, start, layout.abstract_state, data_iterator)
-        log(f"resumed from {manager.directory} at step {start}")
-    else:
-        state = init_train_state(layout, config.seed)
-    if jax.process_index() == 0:
-        save_config(config, os.path.join(workdir, "config.json"))
-    if (config.batch_size // ways) % config.microbatches:
-        raise ConfigError(f"microbatches {config.microbatches} must divide the per-device batch "
-                          f"{config.batch_size // ways}")
-    train_step = make_train_step(task, layout, sharding, config.microbatches)
-    writer = MetricsWriter(workdir, resumed_step=start)
-    averager, progress = IntervalAverager(), Progress(config.total_steps, config.batch_size, start)
-    eval_size, embedders = eval_batch_size(config, sharding), make_embedders(task, layout, mesh)
+    manager = checkpoint.make_manager(root, config.keep_checkpoints)
+    data_iterator = writer = None
+    try:
+        start = manager.latest_step() or 0
+        if start:
+            accept_config(config, root / "config.json", allow_changes)
+        data_iterator = make_train_iterator(config)
+        eval_data, embedders = load_eval_data(config), make_embedders(task, layout, mesh)
+        if start:
+            state = checkpoint.restore(manager, start, layout.abstract_state, data_iterator)
+            log(f"resumed from {manager.directory} at step {start}")
+        else:
+            state = init_train_state(layout, config.seed)
+        if jax.process_index() == 0:
+            save_config(config, root / "config.json")
+        writer = MetricsWriter(root, resumed_step=start)
 
-    def evaluate(step: int, params) -> dict[str, float]:
-        return evaluate_and_log(step, embedders, params, eval_data, sharding, eval_size, writer)
+        def evaluate(step: int, params) -> dict[str, float]:
+            return evaluate_and_log(step, embedders, params, eval_data, sharding, eval_batch_size(config, sharding),
+                                    writer)
 
-    to_write = None
-    for step in range(start + 1, config.total_steps + 1):
-        batch = to_global_batch(next(data_iterator), sharding)
-        state, metrics = train_step(state, batch)  # Dispatched before the previous metrics are fetched.
-        averager.add(metrics)
-        if to_write is not None:
-            write_metrics(*to_write, writer, progress)
-            to_write = None
-        if step % config.log_every == 0 or step == config.total_steps:
-            to_write = (step, averager.take(), data_counters(data_iterator))
-        if step % config.checkpoint_every == 0 or step == config.total_steps:
-            checkpoint.save(manager, step, state, data_iterator)
-        if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
-            evaluate(step, state["params"])
-    if to_write is not None:
-        write_metrics(*to_write, writer, progress)
-    manager.wait_until_finished()
-    results = evaluate(config.total_steps, state["params"])
-    if jax.process_index() == 0 and results:
-        with open(os.path.join(workdir, "eval_results.json"), "w") as f:
-            json.dump({"step": config.total_steps, **results}, f, indent=2)
-    writer.close()
-    manager.close()
-    if hasattr(data_iterator, "close"):
-        data_iterator.close()
-    return results
+        loop = TrainLoop(config, task, layout, sharding, manager, data_iterator, writer, evaluate)
+        state, last_step = loop.run(state, start)
+        results = evaluate(last_step, state["params"])
+        if jax.process_index() == 0 and results:
+            (root / "eval_results.json").write_text(json.dumps({"step": last_step, **results}, indent=2))
+        return results
+    finally:
+        checkpoint.finish(manager)
+        if writer is not None:
+            writer.close()
+        if hasattr(data_iterator, "close"):
+            data_iterator.close()
 
 
-def write_metrics(step: int, taken: list, counters: dict[str, float], writer: MetricsWriter,
-                  progress: Progress) -> None:
-    """Averages an interval's metrics, stops the run on a non-finite loss, writes and prints them."""
-    scalars = IntervalAverager.mean(taken)
-    if not math.isfinite(scalars["loss"]):
-        raise FloatingPointError(f"loss is {scalars['loss']} at step {step}; stopping the run")
-    writer.write(step, {**scalars, **counters})
-    log(progress.line(step, scalars))
+class TrainLoop:
+    """The steps from `start` to the end: dispatch, log one step late, check health, save, evaluate."""
+
+    def __init__(self, config: ml_collections.ConfigDict, task, layout, sharding, manager, data_iterator,
+                 writer: MetricsWriter, evaluate: Callable[[int, Any], dict[str, float]]):
+        self.config, self.manager, self.data_iterator = config, manager, data_iterator
+        self.writer, self.evaluate = writer, evaluate
+        self.train_step = make_train_step(task, layout, sharding, config.microbatches)
+        self.averager, self.health = IntervalAverager(), RunHealth()
+        placeholder = zeros_like_batch(task.abstract_batch(config.batch_size // jax.process_count()))
+        self.feed = DataFeed(data_iterator, lambda batch: to_global_batch(batch, sharding), placeholder,
+                             jax.process_count())
+
+    def run(self, state, start: int):
+        """(final state, its step) after training from `start`: `total_steps`, or the last step with data when
+        the data ended first."""
+        config, pending = self.config, None
+        last_step, self.progress = config.total_steps, Progress(config.total_steps, config.batch_size, start)
+        try:
+            for step in range(start + 1, config.total_steps + 1):
+                state, metrics = self.train_step(state, self.feed.next(step))  # Dispatched before the previous
+                self.averager.add(metrics)                                     # step's metrics are fetched.
+                self.health.add(step, metrics)
+                if pending is not None:
+                    self.write_metrics(*pending)
+                    pending = None
+                if step % config.log_every == 0 or step == config.total_steps:
+                    pending = (step, self.averager.take(), data_counters(self.data_iterator), self.health.snapshot())
+                if step % config.checkpoint_every == 0 or step == config.total_steps:
+                    self.check_health(self.health.snapshot(), step)
+                    checkpoint.save(self.manager, step, state, self.data_iterator)
+                if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
+                    self.check_health(self.health.snapshot(), step)
+                    self.evaluate(step, state["params"])
+            if pending is not None:
+                self.write_metrics(*pending)
+        except EndOfData as end:
+            log(f"{end}; training ends at step {end.last_step}")
+            last_step = end.last_step
+            if last_step > start and self.manager.latest_step() != last_step:
+                checkpoint.save(self.manager, last_step, state, self.data_iterator)
+        return state, last_step
+
+    def check_health(self, snapshot, step: int) -> None:
+        """Raises FloatingPointError on a non-finite step, EndOfData or the data error when data stopped."""
+        record = RunHealth.fetch(snapshot)
+        bad, dry = record.first_nonfinite_step, record.first_step_without_data
+        if bad and not (dry and dry < bad):
+            raise FloatingPointError(f"loss or gradients are not finite at step {bad}; stopping the run "
+                                     f"(no non-finite state is saved; the newest checkpoint is step "
+                                     f"{self.manager.latest_step()})")
+        if dry:
+            if self.feed.error is not None:
+                raise self.feed.error
+            if record.data_status == FAILED:
+                raise DataError(f"another process failed on its training data at step {dry}; see its error")
+            whose = "this process's" if self.feed.status == RAN_OUT else "another process's"
+            raise EndOfData(dry - 1, f"{whose} training data ran out at step {dry} "
+                                     f"(data.num_epochs={self.config.data.num_epochs})")
+
+    def write_metrics(self, step: int, taken: list, counters: dict[str, float], snapshot) -> None:
+        """Checks the interval's health, then averages its metrics, writes and prints them."""
+        self.check_health(snapshot, step)
+        scalars = IntervalAverager.mean(taken)
+        for key in ("finite", "data_status"):
+            scalars.pop(key, None)
+        self.writer.write(step, {**scalars, **counters})
+        log(self.progress.line(step, scalars))
 
 
-def parse_args(argv: list[str]) -> tuple[str, str, list[str], DistributedOptions]:
+@dataclasses.dataclass(frozen=True)
+class Command:
+    config_spec: str
+    workdir: str
+    overrides: list[str]
+    allow_changes: set[str]
+    distributed: DistributedOptions
+
+
+def parse_args(argv: list[str]) -> Command:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="path/to/config.py[:arg]")
-    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--workdir", required=True, help="local path, gs://bucket/run or s3://bucket/run")
+    parser.add_argument("--allow-change", action="append", default=[], metavar="KEY[,KEY]",
+                        help="on resume, accept a changed config key that alters the schedule, model or data "
+                             "(e.g. total_steps); 'all' accepts every change")
     parser.add_argument("--coordinator", help="host:port of process 0 (multi-process jobs; or VLM_JAX_COORDINATOR)")
     parser.add_argument("--num-processes", type=int, help="or VLM_JAX_NUM_PROCESSES")
     parser.add_argument("--process-id", type=int, help="or VLM_JAX_PROCESS_ID")
@@ -165,17 +239,18 @@ def parse_args(argv: list[str]) -> tuple[str, str, list[str], DistributedOptions
         if not item.startswith("--config."):
             parser.error(f"unrecognised argument {item!r}; overrides look like --config.key=value")
         overrides.append(item[len("--config."):])
+    allowed = {key.strip() for item in args.allow_change for key in item.split(",") if key.strip()}
     distributed = options_from_env(args.coordinator, args.num_processes, args.process_id)
-    return args.config, args.workdir, overrides, distributed
+    return Command(args.config, args.workdir, overrides, allowed, distributed)
 
 
 def main(argv: list[str] | None = None) -> int:
-    config_spec, workdir, overrides, distributed = parse_args(sys.argv[1:] if argv is None else argv)
+    command = parse_args(sys.argv[1:] if argv is None else argv)
     started = time.perf_counter()
     try:
-        initialize(distributed)
-        config = load_config(config_spec, overrides)
-        results = train(config, workdir)
+        initialize(command.distributed)
+        config = load_config(command.config_spec, command.overrides)
+        results = train(config, command.workdir, command.allow_changes)
     except USER_ERRORS as e:
         if os.environ.get("VLM_JAX_TRACEBACK"):
             raise
@@ -185,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     log(f"done in {time.perf_counter() - started:.0f}s; metrics, TensorBoard events, checkpoints and "
-        f"eval_results.json are in {workdir}" + (f"; final eval {json.dumps(results)}" if results else ""))
+        f"eval_results.json are in {command.workdir}" + (f"; final eval {json.dumps(results)}" if results else ""))
     return 0
 
 

@@ -27,6 +27,8 @@ class ContrastiveTask:
     """Builds a TwoTowers model from `config.model` and scores batches {"image", "text"}."""
 
     batch_keys = ("image", "text")
+    # Every example is a negative for every other: micro-batches cache embeddings (vlm_jax/microbatch.py).
+    microbatching = "cached_embeddings"
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None = None):
         self.config = config
@@ -57,8 +59,9 @@ class ContrastiveTask:
             remat=m.text.remat, **{k: m.text[k] for k in SIZE_OVERRIDES}, **shared)
         return TwoTowers(image, text, m.embed_dim, m.loss, rngs)
 
-    def loss(self, model: TwoTowers, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """(scalar loss, metrics) for one batch."""
+    def loss(self, model: TwoTowers, batch: dict[str, jax.Array], rngs: nnx.Rngs | None = None
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(scalar loss, metrics) for one batch; deterministic (`rngs`, the step's randomness, is unused)."""
         zimg_BxE, ztxt_BxE = self.embed_pair(model, batch)
         return self.loss_from_embeddings(zimg_BxE, ztxt_BxE, *model.temperature())
 
