@@ -132,9 +132,8 @@ class TarShardIterator(grain.DatasetIterator):
         self._offset = 0          # byte offset of the next sample's first header (the resume point)
         self._done = False
         self._keys: set[str] = set()  # keys of the samples before self._offset, except those before _unread_offset
-        self._max_key = ""            # the largest key before self._offset
-        self._unread_offset = 0       # after a restore: keys before this offset are not in self._keys yet
-        self._unread_max_key: str | None = ""  # and none of them is larger than this (None: unknown)
+        self._max_key: str | None = ""  # the largest key before self._offset (None: unknown)
+        self._unread_offset = 0       # after a restore: the keys before this offset are not in self._keys yet
         self._records: Iterator[tuple[dict, int]] | None = None
 
     def __next__(self) -> dict:
@@ -161,9 +160,8 @@ class TarShardIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict) -> None:
         self._offset, self._done = state["offset"], bool(state["done"])
-        self._max_key = state.get("max_key", "")  # absent in states saved before it was kept
-        self._keys, self._unread_offset, self._unread_max_key = set(), self._offset, state.get("max_key")
-        self._records = None
+        self._max_key = state.get("max_key") if self._offset else ""  # absent in states saved before it was kept
+        self._keys, self._unread_offset, self._records = set(), self._offset, None
 
     def _read_with_retries(self) -> Iterator[tuple[dict, int]]:
         """(record, resume offset after it, or _SHARD_ENDED); re-opens at the last resume point after stalls or faults."""
@@ -201,10 +199,11 @@ class TarShardIterator(grain.DatasetIterator):
         """
         if key in self._keys:
             return True
-        if not self._unread_offset or (self._unread_max_key is not None and key > self._unread_max_key):
+        if not self._unread_offset or (self._max_key is not None and key > self._max_key):
             return False
         self._keys |= self._keys_before(self._unread_offset)
         self._unread_offset = 0
+        self._max_key = max(self._keys, default="")
         return key in self._keys
 
     def _keys_before(self, offset: int) -> set[str]:
@@ -243,7 +242,8 @@ class TarShardIterator(grain.DatasetIterator):
 
     def _finish(self, key: str, members: dict[str, bytes], duplicate: bool) -> dict:
         self._keys.add(key)
-        self._max_key = max(self._max_key, key)
+        if self._max_key is not None:
+            self._max_key = max(self._max_key, key)
         try:
             if duplicate:
                 raise SampleError("duplicate_key")
