@@ -70,7 +70,8 @@ def test_automatic_start_up_without_a_usable_cluster_is_a_one_line_error(tmp_pat
 @pytest.mark.slow
 def test_train_cli_as_a_two_process_job_checkpoints_and_resumes(tmp_path):
     """vlm_jax.train under launch/local.py: process 0 logs, both write checkpoint and data-iterator shards, and
-    10 steps + a resume to 15 log the losses of 15 uninterrupted steps."""
+    10 steps + a resume to 15 log the losses of 15 uninterrupted steps (a constant learning rate after warmup,
+    so that extending total_steps leaves the schedule as it was)."""
     data = tmp_path / "data"
     subprocess.run([sys.executable, "-m", "data_pipelines.make_shards", "synthetic", "--out", str(data),
                     "--train-samples", "256", "--eval-samples", "48", "--image-size", "16",
@@ -80,19 +81,19 @@ def test_train_cli_as_a_two_process_job_checkpoints_and_resumes(tmp_path):
                    capture_output=True)
     from test_train_cli import TINY
 
-    def train(steps, workdir="run"):
+    def train(steps, workdir="run", *extra):
         return subprocess.run(
             [sys.executable, "-m", "launch.local", "--processes", "2", "--devices-per-process", "4",
              "--timeout-s", "400", "--", sys.executable, "-m", "vlm_jax.train",
              f"--config=configs/demo/clip_tiny.py:{data}", f"--workdir={tmp_path / workdir}", *TINY,
-             "--config.mesh.fsdp=2", f"--config.total_steps={steps}"],
+             "--config.mesh.fsdp=2", "--config.optim.decay=constant", f"--config.total_steps={steps}", *extra],
             cwd=ROOT, capture_output=True, text=True, timeout=450)
     first = train(10)
     assert first.returncode == 0, first.stdout[-3000:]
     assert "[0] step 10/10" in first.stdout and "[1] step" not in first.stdout  # only process 0 logs
     assert sorted(os.listdir(tmp_path / "run/checkpoints/10/data"))[-2:] == ["process_0-of-2.json",
                                                                             "process_1-of-2.json"]
-    second = train(15)
+    second = train(15, "run", "--allow-change=total_steps")
     assert second.returncode == 0 and "[0] resumed from" in second.stdout, second.stdout[-3000:]
     resumed = logged_losses(tmp_path / "run")
     assert list(resumed) == [5, 10, 15]
