@@ -130,7 +130,7 @@ def launch(command: list[str], processes: int, devices_per_process: int, timeout
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--" not in argv:
+    if "--" not in argv or argv[-1] == "--":
         print("usage: python -m launch.local --processes N [--devices-per-process D] [--timeout-s S] "
               "[--grace-s S] -- COMMAND...", file=sys.stderr)
         return 2
@@ -142,7 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grace-s", type=float, default=10.0,
                         help="how long stopped processes get between SIGTERM and SIGKILL")
     args = parser.parse_args(argv[:split])
-    return launch(argv[split + 1:], args.processes, args.devices_per_process, args.timeout_s, args.grace_s)
+    command = argv[split + 1:]
+    try:
+        return launch(command, args.processes, args.devices_per_process, args.timeout_s, args.grace_s)
+    except OSError as e:  # the command cannot be started (missing, not executable)
+        print(f"error: cannot start {command[0]!r}: {e.strerror}", file=sys.stderr)
+        return 127
 
 
 if __name__ == "__main__":

@@ -90,3 +90,10 @@ def test_a_signal_to_the_launcher_stops_every_process(tmp_path, sig):
     launcher.send_signal(sig)
     status, seconds, left = finish(launcher, tmp_path, processes=2, timeout_s=60)
     assert status == 128 + sig and seconds < 10 and left == [], (status, seconds, left)
+
+
+def test_a_command_that_cannot_start_is_a_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "launch.local", "--processes", "2", "--", str(tmp_path / "nothing")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 127 and result.stderr.strip().splitlines() == [
+        f"error: cannot start '{tmp_path / 'nothing'}': No such file or directory"], result.stderr[-2000:]
