@@ -30,7 +30,7 @@ def make_train_step(task, layout: StateLayout, batch_sharding: NamedSharding, mi
     tasks whose loss couples the examples (contrastive) cache embeddings (`task.microbatching =
     "cached_embeddings"`), the others accumulate gradients. Either way the loss and gradients are the full batch's.
     Metrics: the task's, plus loss, grad_norm (before clipping, trainable parameters only), lr, and `finite`
-    (loss and gradients finite) for the trainer's cheap health check.
+    (loss, gradients and the updated parameters finite) for the trainer's health check.
     """
     data_ways = shard_factor(batch_sharding)
     trainable = trainable_mask(layout.abstract_state["params"], task.config.optim.freeze)
@@ -69,7 +69,7 @@ def make_train_step(task, layout: StateLayout, batch_sharding: NamedSharding, mi
                      "params": optax.apply_updates(state["params"], updates), "model_state": new_model_state,
                      "opt_state": opt_state}
         metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "lr": layout.schedule(state["step"]),
-                   "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+                   "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_state["params"])}
         if valid is not None:  # every process had data for this step, or nothing changes
             metrics["data_status"] = jnp.min(valid)
             new_state = jax.tree.map(lambda new, old: jnp.where(metrics["data_status"] > 0, new, old),
@@ -78,6 +78,11 @@ def make_train_step(task, layout: StateLayout, batch_sharding: NamedSharding, mi
 
     return jax.jit(train_step, in_shardings=(layout.shardings, batch_sharding),
                    out_shardings=(layout.shardings, None), donate_argnums=0)
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """True when no leaf holds a NaN or an infinity (an elementwise pass XLA fuses into the update)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
 def trainable_mask(params: Any, freeze: str) -> Any:
