@@ -168,8 +168,8 @@ class TrainLoop:
                 self.averager.add(metrics)                                     # step's metrics are fetched.
                 self.health.add(step, metrics)
                 if pending is not None:
-                    self.write_metrics(*pending)
-                    pending = None
+                    to_write, pending = pending, None
+                    self.write_metrics(*to_write)
                 if step % config.log_every == 0 or step == config.total_steps:
                     pending = (step, self.averager.take(), data_counters(self.data_iterator), self.health.snapshot())
                 if step % config.checkpoint_every == 0 or step == config.total_steps:
@@ -179,10 +179,13 @@ class TrainLoop:
                     self.check_health(self.health.snapshot(), step)
                     self.evaluate(step, state["params"])
             if pending is not None:
-                self.write_metrics(*pending)
+                to_write, pending = pending, None
+                self.write_metrics(*to_write)
         except EndOfData as end:
             log(f"{end}; training ends at step {end.last_step}")
             last_step = end.last_step
+            if pending is not None and pending[0] <= last_step:  # logged before the data ended
+                self.write_metrics(*pending)
             if last_step > start and self.manager.latest_step() != last_step:
                 checkpoint.save(self.manager, last_step, state, self.data_iterator)
         return state, last_step
