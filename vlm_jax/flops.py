@@ -18,8 +18,9 @@ def encoder_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> 
     return depth * (matmuls + attention)
 
 
-def two_towers_train_flops_per_sample(model: ml_collections.ConfigDict) -> int:
-    """Training FLOPs for one image-text pair of the contrastive two-tower model."""
+def two_towers_train_flops_per_sample(model: ml_collections.ConfigDict, image_frozen: bool = False) -> int:
+    """Training FLOPs for one image-text pair of the contrastive two-tower model; a frozen image tower (LiT)
+    runs its forward pass only."""
     image = ViTConfig(variant=model.image.variant, image_size=model.image.image_size, pool=model.image.pool,
                       width=model.image.width, depth=model.image.depth, mlp_dim=model.image.mlp_dim,
                       num_heads=model.image.num_heads)
@@ -29,11 +30,12 @@ def two_towers_train_flops_per_sample(model: ml_collections.ConfigDict) -> int:
     patch = parse_variant(image.variant)[1]
     patches = (image.image_size // patch) ** 2
     image_tokens = patches + (image.pool == "tok")
-    forward = (2 * patches * patch * patch * 3 * img.width
-               + encoder_forward_flops(image_tokens, img.width, img.depth, img.mlp_dim)
-               + encoder_forward_flops(text.max_len, txt.width, txt.depth, txt.mlp_dim)
-               + 2 * (img.width + txt.width) * model.embed_dim)
+    image_forward = (2 * patches * patch * patch * 3 * img.width
+                     + encoder_forward_flops(image_tokens, img.width, img.depth, img.mlp_dim)
+                     + 2 * img.width * model.embed_dim)
     if image.pool == "map":
-        forward += 2 * (2 * patches * 2 * img.width * img.width + 2 * 2 * img.width * img.width
-                        + 2 * 2 * img.width * img.mlp_dim + 2 * 2 * patches * img.width)
-    return 3 * forward
+        image_forward += 2 * (2 * patches * 2 * img.width * img.width + 2 * 2 * img.width * img.width
+                              + 2 * 2 * img.width * img.mlp_dim + 2 * 2 * patches * img.width)
+    text_forward = (encoder_forward_flops(text.max_len, txt.width, txt.depth, txt.mlp_dim)
+                    + 2 * txt.width * model.embed_dim)
+    return (1 if image_frozen else 3) * image_forward + 3 * text_forward

@@ -5,6 +5,8 @@ Shape key: B batch, E embedding width.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -46,7 +48,9 @@ class ContrastiveTask:
 
     def train_flops_per_sample(self) -> int:
         """Analytic model FLOPs of one training example (forward + backward), the numerator of MFU."""
-        return two_towers_train_flops_per_sample(self.config.model)
+        freeze = self.config.optim.freeze
+        image_frozen = bool(freeze) and all(re.search(freeze, path) for path in ("image_encoder/", "image_proj/"))
+        return two_towers_train_flops_per_sample(self.config.model, image_frozen)
 
     def build_model(self, rngs: nnx.Rngs) -> TwoTowers:
         m = self.config.model
