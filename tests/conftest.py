@@ -9,26 +9,17 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # pytest-xdist workers
 
 import multiprocessing.resource_tracker  # noqa: E402
 import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import pytest  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory):
     """8 train shards x 25 samples, 2 eval shards (16-px JPEGs) and a sentencepiece model trained on them."""
-    out = tmp_path_factory.mktemp("shards")
-    subprocess.run([sys.executable, "-m", "data_pipelines.make_shards", "synthetic", "--out", str(out),
-                    "--train-samples", "200", "--eval-samples", "48", "--image-size", "16",
-                    "--samples-per-shard", "25"], cwd=ROOT, check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "data_pipelines.tokenizer", "train", "--shards",
-                    f"{out}/train/*.tar", "--vocab-size", "120", "--out", str(out / "spm.model")],
-                   cwd=ROOT, check=True, capture_output=True)
-    return out
+    from synthetic_data import make_data
+    return make_data(tmp_path_factory.mktemp("shards"), train_samples=200, eval_samples=48, samples_per_shard=25,
+                     vocab_size=120)
 
 
 SESSION_MARK = "VLM_JAX_TEST_SESSION"  # inherited by every process the session starts, and by theirs

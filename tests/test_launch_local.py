@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from processes import alive
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One job process: starts a grandchild (as grain starts data workers), writes "own pid, grandchild pid" to
@@ -27,16 +29,6 @@ if index == fail:
     sys.exit(3)
 time.sleep(300)
 """
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` is a running (not zombie) process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
 
 
 def start_job(tmp_path, *launcher_flags: str, processes: int = 2, fail: int = -1) -> subprocess.Popen:

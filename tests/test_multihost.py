@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from synthetic_data import make_data
 from test_train_step import assert_same_history, run_steps, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,13 +73,7 @@ def test_train_cli_as_a_two_process_job_checkpoints_and_resumes(tmp_path):
     """vlm_jax.train under launch/local.py: process 0 logs, both write checkpoint and data-iterator shards, and
     10 steps + a resume to 15 log the losses of 15 uninterrupted steps (a constant learning rate after warmup,
     so that extending total_steps leaves the schedule as it was)."""
-    data = tmp_path / "data"
-    subprocess.run([sys.executable, "-m", "data_pipelines.make_shards", "synthetic", "--out", str(data),
-                    "--train-samples", "256", "--eval-samples", "48", "--image-size", "16",
-                    "--samples-per-shard", "64"], cwd=ROOT, check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "data_pipelines.tokenizer", "train", "--shards", f"{data}/train/*.tar",
-                    "--vocab-size", "200", "--out", str(data / "spm.model")], cwd=ROOT, check=True,
-                   capture_output=True)
+    data = make_data(tmp_path / "data", train_samples=256, eval_samples=48, samples_per_shard=64)
     from test_train_cli import TINY
 
     def train(steps, workdir="run", *extra):

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from synthetic_data import make_data
 from test_train_cli import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,14 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture
 def three_shards(tmp_path):
     """3 train shards of 64 samples: process 0 reads shards 0 and 2 (128 samples), process 1 shard 1 (64)."""
-    data = tmp_path / "data"
-    subprocess.run([sys.executable, "-m", "data_pipelines.make_shards", "synthetic", "--out", str(data),
-                    "--train-samples", "192", "--eval-samples", "48", "--image-size", "16",
-                    "--samples-per-shard", "64"], cwd=ROOT, check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "data_pipelines.tokenizer", "train", "--shards", f"{data}/train/*.tar",
-                    "--vocab-size", "200", "--out", str(data / "spm.model")], cwd=ROOT, check=True,
-                   capture_output=True)
-    return data
+    return make_data(tmp_path / "data", train_samples=192, eval_samples=48, samples_per_shard=64)
 
 
 def train_two_processes(data, workdir, *extra):

@@ -11,6 +11,9 @@ import time
 import jax
 import pytest
 
+from processes import alive, descendants
+from synthetic_data import make_data
+
 DEMO = "configs/demo/clip_tiny.py"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.image.image_size=16", "--config.model.image.width=32", "--config.model.image.depth=1",
@@ -30,14 +33,8 @@ def run(*args, timeout=300, **kw):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    made = run("data_pipelines.make_shards", "synthetic", "--out", str(out), "--train-samples", "512",
-               "--eval-samples", "96", "--image-size", "16", "--samples-per-shard", "128")
-    assert made.returncode == 0, made.stderr
-    trained = run("data_pipelines.tokenizer", "train", "--shards", f"{out}/train/*.tar", "--vocab-size", "200",
-                  "--out", f"{out}/spm.model")
-    assert trained.returncode == 0, trained.stderr
-    return str(out)
+    return str(make_data(tmp_path_factory.mktemp("data"), train_samples=512, eval_samples=96,
+                         samples_per_shard=128))
 
 
 def train_args(data_dir, workdir, *extra):
@@ -103,32 +100,6 @@ def test_kill_resume_and_evaluate(data_dir, tmp_path):
     # 96 held-out pairs: chance i2t R@10 is 10.4%; 40 tiny steps measured 18.8%. R@1 near 1 would mean ties or
     # NaN counted as hits.
     assert results["retrieval/i2t_R@10"] >= MIN_I2T_R10 and results["retrieval/i2t_R@1"] < 0.5
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (children, grandchildren, ...), from /proc."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-            except OSError:
-                continue
-    stack, found = [pid], []
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import pytest
 
 from data_pipelines.input_pipeline import TrainInput, default_pp_train, make_train_dataset
 from data_pipelines.samples import DataError
+from processes import alive, descendants
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,30 +43,6 @@ def test_restore_with_another_worker_count_is_refused_in_one_line(synthetic_shar
         f"set data.num_workers={saved} to resume this run")
 
 
-def children(pid: int) -> list[int]:
-    """Pids of the live processes whose parent is `pid`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.append(int(entry))
-    return found
-
-
-def alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie (a zombie holds no memory; init reaps it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 HOLDER = """
 import sys, time
 from absl import flags
@@ -91,7 +68,7 @@ def test_workers_exit_when_their_parent_is_killed(synthetic_shards, tmp_path):
     started = []
     try:
         assert holder.stdout.readline().strip() == "ready"
-        started = children(holder.pid)
+        started = descendants(holder.pid)
         assert len(started) >= 2  # the two workers (and multiprocessing's resource tracker)
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=10)
