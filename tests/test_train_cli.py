@@ -86,6 +86,7 @@ def test_kill_resume_and_evaluate(data_dir, tmp_path):
              if "loss" in line]
     assert steps[-1] == 40 and steps == sorted(set(steps))  # no duplicates from the killed run
     assert sorted(os.listdir(workdir / "checkpoints"))[-1] == "40"
+    assert not list((workdir / "checkpoints").glob("*orbax-checkpoint-tmp*"))  # a save cut by kill -9 is removed
     assert any(name.startswith("events.") for name in os.listdir(workdir / "tensorboard"))
 
     evaluated = run("vlm_jax.evaluate", f"--workdir={workdir}")

@@ -59,9 +59,9 @@ def history_of(step_fn, layout, sharding, steps=5):
     return history
 
 
-def assert_same_history(actual, expected, rtol=1e-5):
+def assert_same_history(actual, expected, rtol=1e-5, atol=0.0):
     for key in ("loss", "grad_norm"):
-        np.testing.assert_allclose(actual[key], expected[key], rtol=rtol, err_msg=key)
+        np.testing.assert_allclose(actual[key], expected[key], rtol=rtol, atol=atol, err_msg=key)
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,15 @@ import os
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 from vlm_jax.pytree import leaves_with_path_str
 from vlm_jax.train_state import TrainState
 from vlm_jax.workdir import resolve
+
+
+PARTIAL_SAVE_MARK = ".orbax-checkpoint-tmp"  # orbax's suffix for a save not yet committed
 
 
 class CheckpointMismatchError(ValueError):
@@ -19,15 +23,26 @@ class CheckpointMismatchError(ValueError):
 
 def make_manager(workdir: str | os.PathLike, keep: int) -> ocp.CheckpointManager:
     """The manager of `workdir/checkpoints` (local, gs:// or s3://)."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True,
-                                           cleanup_tmp_directories=True)  # a killed run's partial save
+    directory = resolve(workdir) / "checkpoints"
+    if jax.process_index() == 0:
+        remove_partial_saves(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
-    return ocp.CheckpointManager(resolve(workdir) / "checkpoints", options=options, item_handlers=handlers)
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+def remove_partial_saves(directory) -> None:
+    """Deletes the temporary directories of saves cut short (kill -9 mid-save). Done here, synchronously:
+    orbax's own `cleanup_tmp_directories` runs in a background future that `close()` does not wait for, so a
+    run that stops at once (a refused config) died in it with a traceback at interpreter exit."""
+    if directory.exists():
+        for path in directory.glob(f"*{PARTIAL_SAVE_MARK}*"):
+            path.rmtree()
 
 
 def finish(manager: ocp.CheckpointManager) -> None:
     """Completes the save in flight (orbax commits it atomically) and releases the manager; call it on every
-    exit path. A save cut short by kill -9 leaves a temporary directory that the next manager removes."""
+    exit path. A save cut short by kill -9 leaves a temporary directory that the next `make_manager` removes."""
     try:
         manager.wait_until_finished()
     finally:
