@@ -152,7 +152,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.cycle_length = 4        # shards read at once (interleaved) per worker
     c.data.shuffle_buffer = 1000   # window shuffle over raw samples
     c.data.num_epochs = placeholder(int)  # None: repeat forever
-    c.data.num_workers = ml_collections.FieldReference("auto", field_type=object)  # int, or "auto"
+    # int, or "auto" (one per core). The sample order depends on it: a resume with another count is refused.
+    c.data.num_workers = ml_collections.FieldReference("auto", field_type=object)
     c.data.worker_buffer_size = 2  # batches each worker prepares ahead
     c.data.max_skip_fraction = 0.01
     c.data.skip_check_after = 1000  # records read before the skip fraction is enforced
