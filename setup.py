@@ -24,12 +24,13 @@ setup(
         "opencv-python-headless>=4.10,<6",
         "fsspec[http]>=2024.6",
         "tensorboardX>=2.6.5,<3",
+        "etils[epath]>=1.7",  # the workdir filesystem layer (vlm_jax/workdir.py), as orbax uses
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4"],
         # libtpu: the real TPU compiler, so programs compile for TPU topologies from any host (and run on TPU VMs)
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
-        "cloud": ["gcsfs", "s3fs"],  # gs:// and s3:// shards
+        "cloud": ["gcsfs", "s3fs"],  # gs:// and s3:// shards and workdirs
         "hf": ["torch==2.13.0", "transformers>=5.0,<6", "safetensors>=0.5,<1"],
     },
 )
