@@ -50,10 +50,11 @@ class RunHealth:
 
     def __init__(self):
         self._record = jnp.array([0, 0, HAS_DATA], jnp.int32)
+        self._has_data = jnp.int32(HAS_DATA)  # the status of a step without a `valid` batch key (one process)
 
     def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
         """Folds in one step's `finite` and `data_status` metrics (dispatched, not waited for)."""
-        status = metrics.get("data_status", jnp.int32(HAS_DATA))
+        status = metrics.get("data_status", self._has_data)
         self._record = _record(self._record, jnp.int32(step), metrics["finite"], status)
 
     def snapshot(self) -> jax.Array:
@@ -77,10 +78,10 @@ class DataFeed:
                  placeholder: dict[str, np.ndarray], process_count: int):
         self._iterator, self._to_global, self._placeholder = iterator, to_global, placeholder
         self._several = process_count > 1
+        self._rows = len(next(iter(placeholder.values())))  # this process's rows of a batch
         self.status, self.error = HAS_DATA, None
 
     def next(self, step: int) -> dict[str, jax.Array]:
-        rows = len(next(iter(self._placeholder.values())))
         if self.status == HAS_DATA:
             try:
                 batch = next(self._iterator)
@@ -94,9 +95,9 @@ class DataFeed:
                 self.status, self.error = FAILED, e
             else:
                 if self._several:
-                    batch = {**batch, VALID_KEY: np.full((rows,), HAS_DATA, np.int32)}
+                    batch = {**batch, VALID_KEY: np.full((self._rows,), HAS_DATA, np.int32)}
                 return self._to_global(batch)
-        return self._to_global({**self._placeholder, VALID_KEY: np.full((rows,), self.status, np.int32)})
+        return self._to_global({**self._placeholder, VALID_KEY: np.full((self._rows,), self.status, np.int32)})
 
 
 def zeros_like_batch(abstract: dict[str, Any]) -> dict[str, np.ndarray]:

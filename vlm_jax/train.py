@@ -195,7 +195,7 @@ class TrainLoop:
         record = RunHealth.fetch(snapshot)
         bad, dry = record.first_nonfinite_step, record.first_step_without_data
         if bad and not (dry and dry < bad):
-            raise FloatingPointError(f"loss or gradients are not finite at step {bad}; stopping the run "
+            raise FloatingPointError(f"loss, gradients or parameters are not finite at step {bad}; stopping the run "
                                      f"(no non-finite state is saved; the newest checkpoint is step "
                                      f"{self.manager.latest_step()})")
         if dry:

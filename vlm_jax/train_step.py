@@ -72,8 +72,8 @@ def make_train_step(task, layout: StateLayout, batch_sharding: NamedSharding, mi
                    "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_state["params"])}
         if valid is not None:  # every process had data for this step, or nothing changes
             metrics["data_status"] = jnp.min(valid)
-            new_state = jax.tree.map(lambda new, old: jnp.where(metrics["data_status"] > 0, new, old),
-                                     new_state, state)
+            has_data = metrics["data_status"] > 0
+            new_state = jax.tree.map(lambda new, old: jnp.where(has_data, new, old), new_state, state)
         return new_state, metrics
 
     return jax.jit(train_step, in_shardings=(layout.shardings, batch_sharding),
