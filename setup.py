@@ -27,7 +27,9 @@ setup(
         "etils[epath]>=1.7",  # the workdir filesystem layer (vlm_jax/workdir.py), as orbax uses
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4"],
+        # pycocoevalcap: the reference BLEU / CIDEr-D scorers that tests/test_caption_metrics.py compares against
+        # (a 104 MB wheel, mostly METEOR and SPICE jars that are never used; no Java needed for those two)
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "pycocoevalcap>=1.2,<2"],
         # libtpu: the real TPU compiler, so programs compile for TPU topologies from any host (and run on TPU VMs)
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         "cloud": ["gcsfs", "s3fs"],  # gs:// and s3:// shards and workdirs
