@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+import os
+from typing import Any, Sequence
 
 import grain
 import numpy as np
@@ -37,10 +38,20 @@ def build_image_op(spec: str) -> ops.Op:
     return ops.build(spec)
 
 
+def sample_name(sample: dict, folder: bool) -> str:
+    """How outputs name a sample: for a folder source the image file's path relative to the folder (e.g.
+    "cats/1.jpg"), otherwise its key (the webdataset `__key__`, a CSV row index, a tfds split/index)."""
+    if folder:
+        return os.path.relpath(sample["path"], sample["__source__"]).replace(os.sep, "/")
+    return sample.get("__key__", "")
+
+
 def load_eval_split(source: str, tokenizer_path: str, *, image_size: int, text_len: int,
-                    pp: str = "") -> dict[str, np.ndarray]:
+                    pp: str = "") -> dict[str, Any]:
     """A whole held-out split in order: image [N,...] (after `pp`), label [N] (-1: none), text [M,L] (every
-    reference caption of every image, in image order) and text_image [M] (the index of each caption's image).
+    reference caption of every image, in image order), text_image [M] (the index of each caption's image),
+    captions (N lists of the raw reference strings, in text's order: flattened they match text's rows; empty
+    for an image without captions) and key (N names, see sample_name).
 
     `source` is a shard spec, "tfds:NAME/SPLIT[@DATA_DIR]", "csv:FILE" or "folder:DIR"; `pp` is the image
     op spec (default: default_pp_eval(image_size)). Unusable samples are skipped, logged and counted.
@@ -48,11 +59,13 @@ def load_eval_split(source: str, tokenizer_path: str, *, image_size: int, text_l
     spec = pp or default_pp_eval(image_size)
     image_op = build_image_op(spec)
     tokenizer = Tokenizer(tokenizer_path)
+    folder = source.startswith("folder:")
 
     def to_example(sample: dict, rng: np.random.Generator) -> dict:
         captions = [text for text in sample.get("captions") or [sample.get("caption", "")] if text]
         tokens = tokenizer.encode(captions, text_len) if captions else np.zeros((0, text_len), np.int32)
-        return {"image": image_op(sample, rng)["image"], "label": int(sample.get("label", -1)), "text": tokens}
+        return {"image": image_op(sample, rng)["image"], "label": int(sample.get("label", -1)), "text": tokens,
+                "captions": captions, "key": sample_name(sample, folder)}
 
     records = raw_eval_samples(source)
     examples = list(PreprocessIterDataset(grain.MapDataset.source(records).to_iter_dataset(), to_example, seed=0))
@@ -71,7 +84,9 @@ def load_eval_split(source: str, tokenizer_path: str, *, image_size: int, text_l
     return {"image": np.stack([example["image"] for example in examples]),
             "label": np.array([example["label"] for example in examples], np.int64),
             "text": np.concatenate(texts).astype(np.int32),
-            "text_image": np.repeat(np.arange(len(texts)), [len(t) for t in texts]).astype(np.int64)}
+            "text_image": np.repeat(np.arange(len(texts)), [len(t) for t in texts]).astype(np.int64),
+            "captions": [list(example["captions"]) for example in examples],
+            "key": [example["key"] for example in examples]}
 
 
 def tokenize_class_prompts(tokenizer_path: str, class_names: Sequence[str], templates: Sequence[str],

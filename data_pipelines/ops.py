@@ -4,7 +4,8 @@
 
 Each op maps a sample dict to a sample dict and gets a `np.random.Generator` (deterministic per sample, so an
 iterator restored from a checkpoint repeats the same crops). Images are uint8 [H, W, 3] until an op such as
-`value_range` turns them into float32. Ops that cannot use a sample raise SampleError.
+`value_range` turns them into float32. Ops that cannot use a sample raise SampleError; ops that use it but
+count an event (a truncated caption) mark it with samples.flag, which `keep` preserves.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from data_pipelines.samples import DataError, SampleError
+from data_pipelines.samples import FLAGS_KEY, DataError, SampleError, flag
 
 Op = Callable[[dict, np.random.Generator], dict]
 OPS: dict[str, Callable[..., Op]] = {}
@@ -294,26 +295,32 @@ def _text(sample: dict, key: str) -> str:
     return sample[key]
 
 
+def _counted(sample: dict, truncated: bool) -> dict:
+    """`sample`, flagged "truncated_captions" if its text was truncated."""
+    return flag(sample, "truncated_captions") if truncated else sample
+
+
 @register("tokenize")
 def tokenize(max_len: int, key: str = "caption", out: str = "text", eos: bool = True, bos: bool = False,
              lower: bool = True, *, tokenizer: str) -> Op:
     """Sentencepiece ids of sample[key] as int32 [max_len]: [BOS] ids [EOS] 0-padding, truncated with EOS kept
-    last. EOS is appended unless eos=False, BOS prepended with bos=True (a model without BOS: DataError).
-    `lower` (default) lower-cases the text first, as the contrastive models and their tokenizers expect."""
+    last (and counted: "truncated_captions"). EOS is appended unless eos=False, BOS prepended with bos=True (a
+    model without BOS: DataError). `lower` (default) lower-cases the text first, as the contrastive models and
+    their tokenizers expect."""
     from data_pipelines.tokenizer import Tokenizer  # sentencepiece loads once per op, in each worker
     model = Tokenizer(tokenizer)
     if bos:
         model.require_bos()
     def op(sample, rng):
-        text = _text(sample, key)
-        return {**sample, out: model.encode([text], max_len, add_eos=eos, add_bos=bos, lower=lower)[0]}
+        ids, truncated = model.encode_one(_text(sample, key), max_len, add_eos=eos, add_bos=bos, lower=lower)
+        return _counted({**sample, out: ids}, truncated)
     return op
 
 
 @register("caption_targets")
 def caption_targets(max_len: int, key: str = "caption", lower: bool = True, *, tokenizer: str) -> Op:
     """A caption's decoder fields for teacher forcing (captioning, CapPa's autoregressive share), each int32
-    [max_len]; with the caption's ids t1..tn (truncated to max_len - 1, EOS kept):
+    [max_len]; with the caption's ids t1..tn (truncated to max_len - 1, EOS kept; counted "truncated_captions"):
 
         text_target     t1 t2 ... tn EOS 0 ... 0      the tokens to predict
         text_input      BOS t1 ... tn 0 ... 0         the decoder's input: the targets shifted right behind BOS
@@ -327,11 +334,12 @@ def caption_targets(max_len: int, key: str = "caption", lower: bool = True, *, t
     model = Tokenizer(tokenizer)
     bos = model.require_bos()
     def op(sample, rng):
-        target = model.encode([_text(sample, key)], max_len, lower=lower)[0]
+        target, truncated = model.encode_one(_text(sample, key), max_len, lower=lower)
         loss_mask = (target != model.pad_id).astype(np.int32)
         shifted = np.concatenate([np.array([bos], np.int32), target[:-1]])
         text_input = np.where(loss_mask == 1, shifted, model.pad_id).astype(np.int32)
-        return {**sample, "text_input": text_input, "text_target": target, "text_loss_mask": loss_mask}
+        return _counted({**sample, "text_input": text_input, "text_target": target, "text_loss_mask": loss_mask},
+                        truncated)
     return op
 
 
@@ -339,7 +347,7 @@ def caption_targets(max_len: int, key: str = "caption", lower: bool = True, *, t
 def prefix_lm(max_len: int, prompt: str | None = None, prefix_key: str = "prefix", suffix_key: str = "caption",
               sep: str = "\n", lower: bool = True, *, tokenizer: str) -> Op:
     """One prefix-LM sequence as big_vision's PaliGemma builds it (the image tokens go in front of it, in the
-    model), each field int32 [max_len], truncated at max_len:
+    model), each field int32 [max_len], truncated at max_len (counted "truncated_captions"):
 
         text       BOS prefix-ids sep-ids | suffix-ids EOS | 0 ... 0
         mask_ar    0   0 ...      0 ...   | 1 ...      1   | 1 ... 1   0: attends bidirectionally (with the
@@ -368,20 +376,21 @@ def prefix_lm(max_len: int, prompt: str | None = None, prefix_key: str = "prefix
         mask_ar[:len(prefix_ids)] = 0
         mask_loss = np.zeros(max_len, np.int32)
         mask_loss[len(prefix_ids):length] = 1
-        return {**sample, "text": text, "mask_ar": mask_ar, "mask_loss": mask_loss}
+        return _counted({**sample, "text": text, "mask_ar": mask_ar, "mask_loss": mask_loss},
+                        len(prefix_ids) + len(suffix_ids) > max_len)
     return op
 
 
 @register("keep")
 def keep(*keys: str) -> Op:
-    """Keeps only `keys` (the arrays that are batched). A missing key is a mistake in the spec, not in the
-    data: DataError on the first sample, naming the key and the fields the sample has."""
+    """Keeps only `keys` (the arrays that are batched) and the sample's flags. A missing key is a mistake in the
+    spec, not in the data: DataError on the first sample, naming the key and the fields the sample has."""
     def op(sample, rng):
         missing = [key for key in keys if key not in sample]
         if missing:
             raise DataError(f"preprocessing op keep{keys}: the samples have no field {', '.join(missing)} "
                             f"(fields: {', '.join(sorted(sample))}); fix the data.pp spec")
-        return {key: sample[key] for key in keys}
+        return {key: sample[key] for key in (*keys, FLAGS_KEY) if key in sample}
     return op
 
 

@@ -1,10 +1,11 @@
 """Preprocessing that skips and counts bad samples, and the skip accounting that stops a run losing data.
 
 Sources emit raw samples and skip records ({"__skipped__": {reason: n}}); `PreprocessIterDataset` runs the
-ops on each sample, turns skip records and SampleErrors into counts, and attaches to every example a
-"skipped" vector (COUNTERS order) holding the counts since the previous example. `SkipAccountingIterDataset`
-sums those vectors over batches in the main process, reports `data/skipped/<reason>`, and raises DataError
-when the skipped fraction passes the limit. Both keep their counters in the iterator state.
+ops on each sample, turns skip records, SampleErrors and the flags ops set on used samples (SAMPLE_FLAGS, e.g.
+truncated_captions) into counts, and attaches to every example a "skipped" vector (COUNTERS order) holding the
+counts since the previous example. `SkipAccountingIterDataset` sums those vectors over batches in the main
+process, reports them by name in skip_counts(), and raises DataError when the skipped fraction (skip reasons
+only; flags are not skips) passes the limit. Both keep their counters in the iterator state.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from typing import Callable
 import grain
 import numpy as np
 
-from data_pipelines.samples import SHARD_REASONS, SKIP_REASONS, DataError, SampleError
+from data_pipelines.samples import FLAGS_KEY, SAMPLE_FLAGS, SHARD_REASONS, SKIP_REASONS, DataError, SampleError
 from data_pipelines.webdataset import SHARD_START, log_skip
 
-COUNTERS = ("shards",) + SKIP_REASONS
+COUNTERS = ("shards",) + SKIP_REASONS + SAMPLE_FLAGS  # new counters go last: older states are a prefix
 SKIPPED_KEY = "skipped"
 _INDEX = {name: i for i, name in enumerate(COUNTERS)}
+_SKIPS = slice(1, 1 + len(SKIP_REASONS))  # the counters that are skips
 
 
 def sample_fingerprint(record: dict) -> int:
@@ -59,6 +61,8 @@ class _PreprocessIterator(grain.DatasetIterator):
                     pending[_INDEX[e.reason]] += 1
                     failures, last = failures + 1, f"{e} ({key})"
                 else:
+                    for name in example.pop(FLAGS_KEY, ()):
+                        pending[_INDEX[name]] += 1
                     example[SKIPPED_KEY] = pending
                     return example
             if failures >= self._max_failures:
@@ -88,7 +92,7 @@ class PreprocessIterDataset(grain.IterDataset):
 def lost_fraction(totals: np.ndarray, samples: int) -> float:
     """Estimated fraction of the data skipped: a shard that could not be read counts as an average shard."""
     shard_failures = sum(int(totals[_INDEX[r]]) for r in SHARD_REASONS if r != "truncated_tar")
-    sample_skips = int(totals.sum() - totals[0]) - shard_failures
+    sample_skips = int(totals[_SKIPS].sum()) - shard_failures
     read = samples + sample_skips
     per_shard = read / max(1, int(totals[0]) - shard_failures)
     lost = sample_skips + shard_failures * per_shard
@@ -108,7 +112,7 @@ class _SkipAccountingIterator(grain.DatasetIterator):
         self._totals += skipped.reshape(-1, len(COUNTERS)).sum(0)
         self._samples += len(skipped)
         fraction = lost_fraction(self._totals, self._samples)
-        if fraction > self._limit and self._samples + self._totals[1:].sum() >= self._min_samples:
+        if fraction > self._limit and self._samples + self._totals[_SKIPS].sum() >= self._min_samples:
             counts = self.skip_counts()
             reasons = ", ".join(f"{name} {counts[name]}" for name in SKIP_REASONS if counts[name])
             raise DataError(f"{fraction:.1%} of the input was skipped, more than the limit "
@@ -117,7 +121,8 @@ class _SkipAccountingIterator(grain.DatasetIterator):
         return batch
 
     def skip_counts(self) -> dict[str, int]:
-        """Totals so far: reason -> count, plus 'shards' read."""
+        """Totals so far: skip reason -> count, 'shards' read, and each of SAMPLE_FLAGS (e.g.
+        'truncated_captions': samples used with their caption truncated, not counted as skipped)."""
         return {name: int(count) for name, count in zip(COUNTERS, self._totals)}
 
     def get_state(self) -> dict:
@@ -125,7 +130,8 @@ class _SkipAccountingIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict) -> None:
         self._parent.set_state(state["parent"])
-        self._totals = np.asarray(state["totals"], np.int64)
+        totals = np.asarray(state["totals"], np.int64)  # a state saved before newer counters lacks them
+        self._totals = np.concatenate([totals, np.zeros(len(COUNTERS) - len(totals), np.int64)])
         self._samples = state["samples"]
 
 

@@ -24,6 +24,21 @@ SKIP_REASONS = (
 )
 SHARD_REASONS = ("truncated_tar", "unreadable_shard", "stalled_shard")
 
+# Events counted on samples that are still used (not skips, not in the skipped fraction): an op marks a sample
+# by adding the name to the frozenset in sample[FLAGS_KEY]; preprocessing counts each name once per sample and
+# drops the field before batching.
+SAMPLE_FLAGS = (
+    "truncated_captions",  # token ids cut to fit the text length (EOS kept last)
+)
+FLAGS_KEY = "__flags__"
+
+
+def flag(sample: dict, name: str) -> dict:
+    """`sample` with `name` (one of SAMPLE_FLAGS) added to its flags."""
+    if name not in SAMPLE_FLAGS:
+        raise ValueError(f"unknown sample flag {name!r}")
+    return {**sample, FLAGS_KEY: sample.get(FLAGS_KEY, frozenset()) | {name}}
+
 
 class SampleError(ValueError):
     """A sample that cannot be used; `reason` is one of SKIP_REASONS."""

@@ -21,7 +21,7 @@ from data_pipelines.input_pipeline import (TrainInput, default_pp_train, local_s
 from data_pipelines.samples import DataError
 from data_pipelines import tokenizer as tokenizer_cli
 from data_pipelines.tokenizer import Tokenizer
-from data_pipelines.webdataset import expand_shards
+from data_pipelines.webdataset import expand_shards, read_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,24 +125,26 @@ def jpeg(seed: int) -> bytes:
     return buffer.getvalue()
 
 
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
 def broken_shards(root) -> str:
     """4 shards: 3 with 20 good samples each, one with 20 good and one sample of every broken kind."""
-    def add(tar, name, data):
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
     for shard in range(4):
         with tarfile.open(root / f"{shard}.tar", "w") as tar:
             for i in range(20):
-                add(tar, f"s{shard}k{i:02d}.jpg", jpeg(shard * 100 + i))
-                add(tar, f"s{shard}k{i:02d}.txt", b"a red circle")
+                add_member(tar, f"s{shard}k{i:02d}.jpg", jpeg(shard * 100 + i))
+                add_member(tar, f"s{shard}k{i:02d}.txt", b"a red circle")
             if shard == 3:
-                add(tar, "corrupt.jpg", os.urandom(500))
-                add(tar, "corrupt.txt", b"random bytes")
-                add(tar, "cut.jpg", jpeg(7)[:200])  # a JPEG cut short
-                add(tar, "cut.txt", b"half an image")
-                add(tar, "nocap.jpg", jpeg(8))
-                add(tar, "noimage.txt", b"no image")
+                add_member(tar, "corrupt.jpg", os.urandom(500))
+                add_member(tar, "corrupt.txt", b"random bytes")
+                add_member(tar, "cut.jpg", jpeg(7)[:200])  # a JPEG cut short
+                add_member(tar, "cut.txt", b"half an image")
+                add_member(tar, "nocap.jpg", jpeg(8))
+                add_member(tar, "noimage.txt", b"no image")
     return f"{root}/*.tar"
 
 
@@ -155,11 +157,50 @@ def test_bad_samples_are_counted_and_the_limit_stops_the_run(synthetic_shards, t
     assert len(batches) == 20  # all 80 good samples, nothing else
     counts = iterator.skip_counts()
     assert counts == {"shards": 4, "corrupt_image": 2, "no_image": 1, "no_caption": 1, "duplicate_key": 0,
-                      "truncated_tar": 0, "unreadable_shard": 0, "stalled_shard": 0}
+                      "truncated_tar": 0, "unreadable_shard": 0, "stalled_shard": 0, "truncated_captions": 0}
     (tmp_path / "garbage.tar").write_bytes(os.urandom(4096))  # unreadable: counts as a whole average shard
     with pytest.raises(DataError, match=r"of the input was skipped, more than the limit 1.0% .*: unreadable_shard 1 "):
         list(make_train_dataset(options(synthetic_shards, sources={"train": spec}, global_batch_size=4,
                                         num_epochs=1, skip_check_after=50)))
+
+
+def long_caption_shards(root) -> str:
+    """2 shards x 20 samples; samples 3, 8 and 15 of shard 1 and sample 0 of shard 0 have captions far longer
+    than 12 tokens; the rest are short."""
+    for shard in range(2):
+        with tarfile.open(root / f"{shard}.tar", "w") as tar:
+            for i in range(20):
+                long = (shard, i) in ((1, 3), (1, 8), (1, 15), (0, 0))
+                caption = "a big red circle in the top left corner " * 3 if long else "a red circle"
+                add_member(tar, f"s{shard}k{i:02d}.jpg", jpeg(shard * 100 + i))
+                add_member(tar, f"s{shard}k{i:02d}.txt", caption.encode())
+    return f"{root}/*.tar"
+
+
+@pytest.mark.parametrize("pp", ["decode_rrc(16)|tokenize(12)|keep('image', 'text')",
+                                "decode_rrc(16)|caption_targets(12)|keep('image', 'text_target')",
+                                "decode_rrc(16)|prefix_lm(24, prompt='caption', sep=';')|keep('image', 'text')"])
+def test_truncated_captions_are_counted_not_skipped_and_survive_a_restore(synthetic_shards, tmp_path, pp):
+    """4 of 40 captions do not fit the text length: all 40 samples are used (a zero skip limit does not trip), and
+    truncated_captions is 4, also when the iterator is restored from a state saved mid-way."""
+    opts = options(synthetic_shards, sources={"train": long_caption_shards(tmp_path)}, pp=pp, global_batch_size=4,
+                   num_epochs=1, max_skip_fraction=0.0, skip_check_after=1)
+    iterator = iter(make_train_dataset(opts))
+    assert len(list(iterator)) == 10
+    counts = iterator.skip_counts()
+    assert counts["truncated_captions"] == 4 and sum(counts.values()) == 2 + 4  # 2 shards, nothing skipped
+    first = iter(make_train_dataset(opts))
+    for _ in range(5):
+        next(first)
+    state = first.get_state()
+    counted = first.skip_counts()["truncated_captions"]
+    restored = iter(make_train_dataset(opts))
+    restored.set_state(state)
+    assert restored.skip_counts()["truncated_captions"] == counted
+    assert len(list(restored)) == 5 and restored.skip_counts() == counts
+    older = iter(make_train_dataset(opts))  # a state saved before the counter existed: it starts at 0
+    older.set_state({**state, "totals": state["totals"][:-1]})
+    assert older.skip_counts() == {**first.skip_counts(), "truncated_captions": 0}
 
 
 def test_nothing_usable_stops_instead_of_spinning(tmp_path, synthetic_shards):
@@ -180,9 +221,33 @@ def test_eval_split_and_prompts(synthetic_shards):
                             image_size=16, text_len=12)
     assert split["image"].shape == (48, 16, 16, 3) and list(split["label"][:3]) == [0, 1, 2]
     assert split["text"].shape == (48, 12) and (split["text"][:, 0] > 0).all()
+    raw = [sample for path in expand_shards(f"{synthetic_shards}/eval/*.tar") for sample in read_shard(path)]
+    assert split["key"] == [sample["__key__"] for sample in raw]  # the webdataset keys, in order
+    assert split["captions"] == [[sample["caption"]] for sample in raw]  # the raw strings
+    flat = [caption for captions in split["captions"] for caption in captions]
+    np.testing.assert_array_equal(Tokenizer(str(synthetic_shards / "spm.model")).encode(flat, 12), split["text"])
     prompts = tokenize_class_prompts(str(synthetic_shards / "spm.model"), ["red circle", "blue square"],
                                      ["a {}.", "{}"], 12)
     assert prompts.shape == (2, 2, 12)
+
+
+def test_eval_split_of_a_folder_with_and_without_captions(synthetic_shards, tmp_path):
+    """An image-only folder (no captions, no labels: what a caption generator reads) loads with empty caption
+    lists and file names as keys; captions beside some images line up with text and text_image."""
+    (tmp_path / "sub").mkdir()
+    names = ["a.png", "b.jpg", "sub/c.png"]
+    for i, name in enumerate(names):
+        Image.fromarray(np.full((20, 16, 3), 70 * i, np.uint8)).save(tmp_path / name)
+    tokenizer = str(synthetic_shards / "spm.model")
+    split = load_eval_split(f"folder:{tmp_path}", tokenizer, image_size=16, text_len=12)
+    assert split["image"].shape == (3, 16, 16, 3) and list(split["label"]) == [-1, -1, -1]
+    assert split["text"].shape == (0, 12) and split["text_image"].shape == (0,)
+    assert split["captions"] == [[], [], []] and split["key"] == names
+    (tmp_path / "sub" / "c.txt").write_text("A Blue Square\n")
+    split = load_eval_split(f"folder:{tmp_path}", tokenizer, image_size=16, text_len=12)
+    assert split["captions"] == [[], [], ["A Blue Square"]] and split["key"] == names
+    assert list(split["text_image"]) == [2]
+    np.testing.assert_array_equal(split["text"], Tokenizer(tokenizer).encode(["a blue square"], 12))
 
 
 def test_tokenizer_eos_padding_truncation_and_missing_file(synthetic_shards, tmp_path):

@@ -8,7 +8,7 @@ import sentencepiece as spm
 from PIL import Image
 
 from data_pipelines import ops
-from data_pipelines.samples import DataError, SampleError
+from data_pipelines.samples import FLAGS_KEY, DataError, SampleError
 from data_pipelines.tokenizer import Tokenizer
 
 
@@ -171,3 +171,18 @@ def test_bos_from_a_model_without_one_is_a_one_line_error(tmp_path):
     for spec in ("tokenize(6, bos=True)", "caption_targets(6)", "prefix_lm(6, sep='a')"):
         with pytest.raises(DataError, match=message):
             ops.build(spec, tokenizer=path)
+
+
+def test_truncated_text_is_flagged_and_keep_preserves_the_flag(synthetic_shards):
+    """Each text op flags a sample whose ids it cut ("truncated_captions"), once per sample, and only then."""
+    tokenizer = str(synthetic_shards / "spm.model")
+    long, short = {"caption": "a big red circle " * 4}, {"caption": "a red circle"}
+    specs = ("tokenize(6)|keep('text')", "caption_targets(6)|keep('text_target')",
+             "prefix_lm(8, prompt='describe', sep=';')|keep('text')", "tokenize(6)|caption_targets(6)")
+    for spec in specs:
+        assert run(spec, long, tokenizer=tokenizer)[FLAGS_KEY] == {"truncated_captions"}, spec
+        assert FLAGS_KEY not in run(spec.replace("(6", "(24").replace("(8", "(24"), short,
+                                    tokenizer=tokenizer), spec
+    fits = len(Tokenizer(tokenizer).ids("a red circle")) + 1  # ids and EOS: exactly the length, not truncated
+    assert FLAGS_KEY not in run(f"tokenize({fits})", short, tokenizer=tokenizer)
+    assert run(f"tokenize({fits - 1})", short, tokenizer=tokenizer)[FLAGS_KEY] == {"truncated_captions"}
