@@ -41,12 +41,14 @@ DEFAULT_SHARDING_RULES = (
 )
 
 CHOICES = {
-    "task": ("contrastive",),
+    "task": ("contrastive", "captioning", "coca"),
+    "model.caption.loss_reduction": ("example", "token"),
     "model.loss": ("sigmoid", "softmax"),
     "model.loss_impl": ("collective", "global"),
     "model.attention_impl": ("auto", "xla", "blockwise", "pallas", "splash", "cudnn"),
     "model.image.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.text.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.decoder.remat": ("none", "full", "dots", "dots_no_batch"),
     "optim.moments_dtype": ("float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
     "optim.name": ("adamw", "adafactor"),
@@ -76,6 +78,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
     c.eval_every = 0  # 0: evaluate at the end only.
+    # Evaluators by name: {name: {"type": registered evaluator (default: the name), "data": eval split (default
+    # data.eval_shards), "every": steps (default eval_every), ...its own settings}}; None: the task's defaults.
+    # See vlm_jax/evaluators/registry.py.
+    c.evals = placeholder(dict)
 
     c.model = ml_collections.ConfigDict()
     c.model.loss = "sigmoid"
@@ -96,7 +102,25 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.text.vocab_size = 32_000
     c.model.text.max_len = 64
     c.model.text.pool = "last"
-    for tower in (c.model.image, c.model.text):  # Optional overrides of the named size.
+    # Generative tasks (captioning, coca): the text decoder. Its vocabulary and length are model.text's.
+    c.model.decoder = ml_collections.ConfigDict()
+    c.model.decoder.size = "B"
+    c.model.decoder.zero_init_head = True  # CapPa zero-initialises the output projection
+    c.model.caption = ml_collections.ConfigDict()
+    # CapPa: this share of examples (per example, at random) predicts every token at once from [MASK] inputs with
+    # full attention; 0 is plain autoregressive captioning. CapPa's paper uses 0.75.
+    c.model.caption.masked_pred_prob = 0.0
+    # "example": per-example mean over its tokens, then the batch mean (big_vision); "token": mean over every
+    # supervised token of the batch (open_clip).
+    c.model.caption.loss_reduction = "example"
+    c.model.caption.label_smoothing = 0.0
+    # CoCa: attentional pooling queries for the decoder (the paper: 256; one more query gives the contrastive
+    # embedding), unimodal text layers = model.text (with a CLS token), multimodal layers = model.decoder.
+    c.model.coca = ml_collections.ConfigDict()
+    c.model.coca.caption_queries = 256
+    c.model.coca.contrastive_weight = 1.0
+    c.model.coca.caption_weight = 2.0
+    for tower in (c.model.image, c.model.text, c.model.decoder):  # Optional overrides of the named size.
         for key in ("width", "depth", "mlp_dim", "num_heads"):
             tower[key] = placeholder(int)
         # Rematerialisation per block: none, full (recompute everything), dots (keep matmul outputs),
@@ -314,9 +338,9 @@ def _assign_saved(node: ml_collections.ConfigDict, saved: dict, path: str, prefi
 
 # Keys a resumed run may change: how the same computation is run, logged, checkpointed and evaluated. Any other
 # change (the schedule, the optimizer, the model, the data stream) needs an explicit allowance.
-RESUMABLE_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "microbatches", "mesh.",
-                  "sharding_rules", "model.attention_impl", "model.loss_impl", "model.image.remat",
-                  "model.text.remat", "data.num_workers", "data.worker_buffer_size", "data.read_", "data.eval_",
+RESUMABLE_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "evals", "microbatches",
+                  "mesh.", "sharding_rules", "model.attention_impl", "model.loss_impl", "model.image.remat",
+                  "model.text.remat", "model.decoder.remat", "data.num_workers", "data.worker_buffer_size", "data.read_", "data.eval_",
                   "data.pp_eval", "data.classnames", "data.templates")
 
 

@@ -18,6 +18,36 @@ def encoder_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> 
     return depth * (matmuls + attention)
 
 
+def vit_forward_flops(image: ViTConfig) -> int:
+    """The patch embedding and encoder of a ViT (no pooling head)."""
+    spec, patch = image.encoder_spec(), parse_variant(image.variant)[1]
+    patches = (image.image_size // patch) ** 2
+    tokens = patches + (image.pool == "tok")
+    return 2 * patches * patch * patch * 3 * spec.width + encoder_forward_flops(tokens, spec.width, spec.depth,
+                                                                                spec.mlp_dim)
+
+
+def decoder_forward_flops(tokens: int, image_tokens: int, image_width: int, width: int, depth: int, mlp_dim: int,
+                          vocab: int) -> int:
+    """One caption through `depth` decoder blocks (self-attention, cross-attention to `image_tokens`, MLP) and
+    the output projection."""
+    cross = 2 * tokens * 2 * width * width + 2 * image_tokens * 2 * image_width * width
+    cross += 2 * 2 * tokens * image_tokens * width
+    return encoder_forward_flops(tokens, width, depth, mlp_dim) + depth * cross + 2 * tokens * width * vocab
+
+
+def captioner_train_flops_per_sample(model: ml_collections.ConfigDict) -> int:
+    """Training FLOPs for one image-caption pair of the encoder-decoder captioner."""
+    from vlm_jax.tasks.towers import decoder_config, vit_config  # the towers' configs live with the tasks
+    image = vit_config(model, pool="none")
+    img = image.encoder_spec()
+    decoder = decoder_config(model, img.width)
+    dec = decoder.encoder_spec()
+    patches = (image.image_size // parse_variant(image.variant)[1]) ** 2
+    return 3 * (vit_forward_flops(image) + decoder_forward_flops(
+        model.text.max_len, patches, img.width, dec.width, dec.depth, dec.mlp_dim, decoder.vocab_size))
+
+
 def two_towers_train_flops_per_sample(model: ml_collections.ConfigDict, image_frozen: bool = False) -> int:
     """Training FLOPs for one image-text pair of the contrastive two-tower model; a frozen image tower (LiT)
     runs its forward pass only."""

@@ -128,7 +128,8 @@ class MultiHeadAttention(nnx.Module):
     """Multi-head attention with per-head projection kernels: q/k/v [D, H, K], out [H, K, D]."""
 
     def __init__(self, width: int, num_heads: int, dtype: Dtype, rngs: nnx.Rngs,
-                 attention_impl: str = "auto"):
+                 attention_impl: str = "auto", kv_width: int | None = None):
+        """`kv_width`: the width of the tokens attended to, when it differs (cross-attention)."""
         head_dim = width // num_heads
         self.attention_impl = attention_impl
 
@@ -139,10 +140,10 @@ class MultiHeadAttention(nnx.Module):
                 rngs=rngs, kernel_init=partitioned(init, in_names + out_names),
                 bias_init=partitioned(nnx.initializers.zeros_init(), out_names))
 
-        def qkv():
-            return projection(width, (num_heads, head_dim), ("embed",), ("heads", "kv"), -1)
+        def qkv(in_width):
+            return projection(in_width, (num_heads, head_dim), ("embed",), ("heads", "kv"), -1)
 
-        self.query, self.key, self.value = qkv(), qkv(), qkv()
+        self.query, self.key, self.value = qkv(width), qkv(kv_width or width), qkv(kv_width or width)
         self.out = projection((num_heads, head_dim), width, ("heads", "kv"), ("embed",), (-2, -1))
 
     def __call__(self, x_BxTxD: jax.Array, kv_BxSxD: jax.Array | None = None,
@@ -169,24 +170,28 @@ class EncoderBlock(nnx.Module):
 
 
 class Encoder(nnx.Module):
-    """A stack of `depth` blocks and a final LayerNorm; optionally scanned and/or rematerialised."""
+    """A stack of `depth` blocks and a final LayerNorm; optionally scanned and/or rematerialised.
 
-    def __init__(self, spec: EncoderSpec, rngs: nnx.Rngs):
+    `make_block(spec, rngs)` builds one block (default EncoderBlock); a call passes `*context` (e.g. a mask, or
+    the image tokens a decoder block cross-attends to) to every block after the residual stream.
+    """
+
+    def __init__(self, spec: EncoderSpec, rngs: nnx.Rngs, make_block=EncoderBlock):
         self.spec = spec
         if spec.scan:
             @nnx.split_rngs(splits=spec.depth)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
             def make_stack(rngs):
-                return EncoderBlock(spec, rngs)
+                return make_block(spec, rngs)
 
             self.blocks = make_stack(rngs)
         else:
-            self.blocks = nnx.List([EncoderBlock(spec, rngs) for _ in range(spec.depth)])
+            self.blocks = nnx.List([make_block(spec, rngs) for _ in range(spec.depth)])
         self.ln_final = layer_norm(spec.width, spec.dtype, rngs)
 
-    def __call__(self, x_BxNxD: jax.Array, mask: MaskSpec | None = None) -> jax.Array:
+    def __call__(self, x_BxNxD: jax.Array, *context) -> jax.Array:
         def apply_block(block, x):
-            return constrain(block(x, mask), RESIDUAL_AXES)
+            return constrain(block(x, *context), RESIDUAL_AXES)
 
         if self.spec.remat != "none":
             apply_block = nnx.remat(apply_block, policy=REMAT_POLICIES[self.spec.remat])

@@ -13,7 +13,7 @@ from flax import nnx
 
 from vlm_jax.models.layers import Encoder, EncoderSpec, MapHead, TowerOptions, parse_size, partitioned, sincos_2d
 
-POOLS = ("map", "gap", "tok")
+POOLS = ("map", "gap", "tok", "none")  # none: every token [B, N, D] (for decoders)
 POSEMBS = ("learn", "sincos2d")
 
 
@@ -38,7 +38,7 @@ class ViTConfig(TowerOptions):
 
 
 class ViT(nnx.Module):
-    """Patch embedding + position embedding + pre-LN encoder + pooling; returns [B, D]."""
+    """Patch embedding + position embedding + pre-LN encoder + pooling; returns [B, D] ([B, N, D] unpooled)."""
 
     def __init__(self, config: ViTConfig, rngs: nnx.Rngs):
         if config.pool not in POOLS:
@@ -87,4 +87,6 @@ class ViT(nnx.Module):
             return self.map_head(x_BxNxD)
         if cfg.pool == "gap":
             return x_BxNxD.mean(axis=1)
+        if cfg.pool == "none":
+            return x_BxNxD
         return x_BxNxD[:, 0]

@@ -9,7 +9,9 @@ from jax.sharding import Mesh
 
 # name -> "module:class", imported on use: the loss modules here are also imported by vlm_jax.parallel, which
 # the task classes import in turn.
-TASKS = {"contrastive": "vlm_jax.tasks.contrastive:ContrastiveTask"}
+TASKS = {"contrastive": "vlm_jax.tasks.contrastive:ContrastiveTask",
+         "captioning": "vlm_jax.tasks.captioning:CaptioningTask",
+         "coca": "vlm_jax.tasks.coca:CocaTask"}
 
 
 def get_task(config: ml_collections.ConfigDict, mesh: Mesh | None = None):

@@ -14,15 +14,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from vlm_jax.flops import two_towers_train_flops_per_sample
-from vlm_jax.models.text import TextConfig
 from vlm_jax.models.two_towers import TwoTowers
-from vlm_jax.models.vit import ViTConfig
 from vlm_jax.parallel.contrastive import DISTRIBUTED_LOSSES, block_top1, local_block_top1
 from vlm_jax.parallel.sharding import logical_to_mesh_spec
 from vlm_jax.tasks.contrastive_losses import LOSSES
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-SIZE_OVERRIDES = ("width", "depth", "mlp_dim", "num_heads")
+from vlm_jax.tasks.towers import text_config, vit_config
 
 
 class ContrastiveTask:
@@ -54,14 +50,7 @@ class ContrastiveTask:
 
     def build_model(self, rngs: nnx.Rngs) -> TwoTowers:
         m = self.config.model
-        shared = dict(dtype=DTYPES[m.dtype], scan=m.scan, attention_impl=m.attention_impl)
-        image = ViTConfig(
-            variant=m.image.variant, image_size=m.image.image_size, pool=m.image.pool, posemb=m.image.posemb,
-            remat=m.image.remat, **{k: m.image[k] for k in SIZE_OVERRIDES}, **shared)
-        text = TextConfig(
-            size=m.text.size, vocab_size=m.text.vocab_size, max_len=m.text.max_len, pool=m.text.pool,
-            remat=m.text.remat, **{k: m.text[k] for k in SIZE_OVERRIDES}, **shared)
-        return TwoTowers(image, text, m.embed_dim, m.loss, rngs)
+        return TwoTowers(vit_config(m), text_config(m), m.embed_dim, m.loss, rngs)
 
     def loss(self, model: TwoTowers, batch: dict[str, jax.Array], rngs: nnx.Rngs | None = None
              ) -> tuple[jax.Array, dict[str, jax.Array]]:

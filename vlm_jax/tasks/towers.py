@@ -1,0 +1,36 @@
+"""Tower configs from `config.model`, shared by every task that builds a ViT, a text encoder or a decoder."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+
+from vlm_jax.models.decoder import DecoderConfig
+from vlm_jax.models.text import TextConfig
+from vlm_jax.models.vit import ViTConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SIZE_OVERRIDES = ("width", "depth", "mlp_dim", "num_heads")
+
+
+def _shared(m: ml_collections.ConfigDict, tower: ml_collections.ConfigDict) -> dict:
+    return dict(dtype=DTYPES[m.dtype], scan=m.scan, attention_impl=m.attention_impl, remat=tower.remat,
+                **{key: tower[key] for key in SIZE_OVERRIDES})
+
+
+def vit_config(m: ml_collections.ConfigDict, pool: str | None = None) -> ViTConfig:
+    """model.image as a ViTConfig; `pool` overrides model.image.pool (decoders take every token)."""
+    return ViTConfig(variant=m.image.variant, image_size=m.image.image_size, pool=pool or m.image.pool,
+                     posemb=m.image.posemb, **_shared(m, m.image))
+
+
+def text_config(m: ml_collections.ConfigDict) -> TextConfig:
+    return TextConfig(size=m.text.size, vocab_size=m.text.vocab_size, max_len=m.text.max_len, pool=m.text.pool,
+                      **_shared(m, m.text))
+
+
+def decoder_config(m: ml_collections.ConfigDict, image_width: int) -> DecoderConfig:
+    """model.decoder with model.text's vocabulary and length, attending to tokens of `image_width`."""
+    return DecoderConfig(size=m.decoder.size, vocab_size=m.text.vocab_size, max_len=m.text.max_len,
+                         image_width=image_width, zero_init_head=m.decoder.zero_init_head,
+                         **_shared(m, m.decoder))
