@@ -100,6 +100,17 @@ class Tokenizer:
             out[row] = self.encode_one(text, max_len, add_eos, add_bos, lower)[0]
         return out
 
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of one row of ids, up to its first EOS; padding, BOS and ids outside the vocabulary are
+        dropped."""
+        kept = []
+        for token in (int(t) for t in ids):
+            if token == self.eos_id:
+                break
+            if token not in (self.pad_id, self.bos_id) and 0 <= token < self.vocab_size:
+                kept.append(token)
+        return self._processor.DecodeIds(kept)
+
     def encode_one(self, text: str, max_len: int, add_eos: bool = True, add_bos: bool = False,
                    lower: bool = True) -> tuple[np.ndarray, bool]:
         """int32 [max_len] ids of one text as `encode` makes them, and whether the text's ids were truncated."""

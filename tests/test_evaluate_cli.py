@@ -15,7 +15,9 @@ import pytest
 from vlm_jax import checkpoint, evaluate
 from vlm_jax.config import load_config, save_config
 from vlm_jax.parallel.mesh import make_mesh
-from vlm_jax.parallel.sharding import batch_sharding
+from vlm_jax.evaluators import registry
+from vlm_jax.evaluators.data import load_eval_data
+from vlm_jax.evaluators.registry import Evaluations
 from vlm_jax.tasks import get_task
 from vlm_jax.train_state import init_train_state, make_state_layout
 
@@ -102,7 +104,7 @@ def test_config_error_is_one_line_exit_2(workdirs, tmp_path, capsys):
     assert "model.image.image_size is 16" in line
 
 
-def test_retrieval_runs_only_where_captions_exist(workdirs):
+def test_retrieval_runs_only_where_captions_exist(workdirs, monkeypatch):
     """A label-only split (tfds ImageNet, a folder) gets zero-shot accuracy and no retrieval recall (old: recall
     over identical all-pad captions, i2t R@1 = 1.0)."""
     config, root = workdirs
@@ -111,10 +113,10 @@ def test_retrieval_runs_only_where_captions_exist(workdirs):
     layout = make_state_layout(task, config, mesh)
     manager = checkpoint.make_manager(str(root / "finite"), config.keep_checkpoints)
     params = checkpoint.restore_params(manager, 1, layout.abstract_state)
-    data = evaluate.load_eval_data(config)
-    label_only = dataclasses.replace(data, texts=data.texts[:0], text_image=data.text_image[:0])
-    embedders, sharding = evaluate.make_embedders(task, layout, mesh), batch_sharding(mesh, config.sharding_rules)
-    assert set(evaluate.run_evaluators(embedders, params, label_only, sharding, 16)) == {
-        "zeroshot/top1", "zeroshot/top5"}
-    captioned = evaluate.run_evaluators(embedders, params, data, sharding, 16)
+    captioned = Evaluations(config, task, layout, mesh).run(params, 1, final=True)
     assert {"retrieval/i2t_R@1", "retrieval/t2i_R@10", "zeroshot/top1"} <= set(captioned)
+    data = load_eval_data(config)
+    label_only = dataclasses.replace(data, texts=data.texts[:0], text_image=data.text_image[:0])
+    monkeypatch.setattr(registry, "load_eval_data", lambda *args, **kwargs: label_only)
+    assert set(Evaluations(config, task, layout, mesh).run(params, 1, final=True)) == {
+        "zeroshot/top1", "zeroshot/top5"}

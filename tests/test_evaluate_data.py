@@ -9,7 +9,7 @@ from PIL import Image
 
 from data_pipelines.eval_split import default_pp_eval, load_eval_split
 from vlm_jax.config import ConfigError, load_config
-from vlm_jax.evaluate import load_eval_data
+from vlm_jax.evaluators.data import load_eval_data
 
 TINY = ["model.image.image_size=16", "model.text.vocab_size=200"]
 

@@ -69,3 +69,27 @@ def two_towers_train_flops_per_sample(model: ml_collections.ConfigDict, image_fr
     text_forward = (encoder_forward_flops(text.max_len, txt.width, txt.depth, txt.mlp_dim)
                     + 2 * txt.width * model.embed_dim)
     return (1 if image_frozen else 3) * image_forward + 3 * text_forward
+
+
+def attention_pool_forward_flops(queries: int, tokens: int, width: int) -> int:
+    """`queries` learned queries attending over `tokens` (q/out projections per query, k/v per token)."""
+    return 2 * queries * 2 * width * width + 2 * tokens * 2 * width * width + 2 * 2 * queries * tokens * width
+
+
+def coca_train_flops_per_sample(model: ml_collections.ConfigDict, image_frozen: bool = False) -> int:
+    """Training FLOPs for one image-caption pair of CoCa: ViT, two attentional poolers and the image projection
+    (forward only when frozen, LiT); the unimodal text layers over L + 1 tokens (CLS), the text projection and the
+    multimodal layers cross-attending to the caption queries, with the output head."""
+    from vlm_jax.tasks.towers import decoder_config, text_config, vit_config
+    image = vit_config(model, pool="none")
+    img = image.encoder_spec()
+    txt, dec = text_config(model).encoder_spec(), decoder_config(model, img.width).encoder_spec()
+    patches = (image.image_size // parse_variant(image.variant)[1]) ** 2
+    queries, length = model.coca.caption_queries, model.text.max_len
+    image_forward = (vit_forward_flops(image) + attention_pool_forward_flops(1, patches, img.width)
+                     + attention_pool_forward_flops(queries, patches, img.width) + 2 * img.width * model.embed_dim)
+    text_forward = (encoder_forward_flops(length + 1, txt.width, txt.depth, txt.mlp_dim)
+                    + 2 * txt.width * model.embed_dim
+                    + decoder_forward_flops(length, queries, img.width, dec.width, dec.depth, dec.mlp_dim,
+                                            model.text.vocab_size))
+    return (1 if image_frozen else 3) * image_forward + 3 * text_forward

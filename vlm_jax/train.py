@@ -24,8 +24,8 @@ from data_pipelines.tokenizer import Tokenizer
 from vlm_jax import checkpoint
 from vlm_jax.config import (ConfigError, check_resume_changes, load_config, load_saved_config, resume_changes,
                             save_config)
-from vlm_jax.evaluate import (USER_ERRORS, EvalData, Embedders, eval_batch_size, load_eval_data, make_embedders,
-                              run_evaluators)
+from vlm_jax.evaluate import USER_ERRORS
+from vlm_jax.evaluators.registry import Evaluations
 from vlm_jax.kernels.attention import check_backend
 from vlm_jax.metrics import IntervalAverager, MetricsWriter, Progress
 from vlm_jax.parallel.distributed import DistributedOptions, initialize, options_from_env
@@ -54,27 +54,35 @@ def make_train_iterator(config: ml_collections.ConfigDict):
     return iter(dataset)
 
 
+NOT_SKIPS = ("shards", "truncated_captions")  # counters of data that was used
+
+
 def data_counters(data_iterator) -> dict[str, float]:
-    """data/shards (shards opened) and data/skipped/<reason> totals of this process's input."""
-    return {("data/shards" if name == "shards" else f"data/skipped/{name}"): float(count)
+    """data/shards (shards opened), data/truncated_captions and data/skipped/<reason> totals of this process's
+    input."""
+    return {(f"data/{name}" if name in NOT_SKIPS else f"data/skipped/{name}"): float(count)
             for name, count in data_iterator.skip_counts().items()}
 
 
-def check_tokenizer_fits(config: ml_collections.ConfigDict) -> None:
-    """Token ids beyond the embedding table would be clamped silently; refuse them instead."""
-    pieces = Tokenizer(config.data.tokenizer).vocab_size
-    if pieces > config.model.text.vocab_size:
-        raise ConfigError(f"tokenizer {config.data.tokenizer} has {pieces} pieces but "
+def check_tokenizer_fits(config: ml_collections.ConfigDict, task) -> None:
+    """Token ids beyond the embedding table would be clamped silently; refuse them instead. A task that decodes
+    needs the tokenizer's BOS and EOS to be the ids it starts and stops with."""
+    tokenizer = Tokenizer(config.data.tokenizer)
+    if tokenizer.vocab_size > config.model.text.vocab_size:
+        raise ConfigError(f"tokenizer {config.data.tokenizer} has {tokenizer.vocab_size} pieces but "
                           f"model.text.vocab_size is {config.model.text.vocab_size}")
+    if hasattr(task, "bos_id") and (tokenizer.require_bos(), tokenizer.eos_id) != (task.bos_id, task.eos_id):
+        raise ConfigError(f"tokenizer {config.data.tokenizer} has BOS {tokenizer.bos_id} and EOS {tokenizer.eos_id}; "
+                          f"task {config.task!r} needs {task.bos_id} and {task.eos_id} (train it with "
+                          "`python -m data_pipelines.tokenizer train`)")
 
 
-def evaluate_and_log(step, embedders: Embedders, params, eval_data: EvalData | None, sharding, batch_size,
-                     writer: MetricsWriter) -> dict[str, float]:
-    if eval_data is None:
-        return {}
-    results = run_evaluators(embedders, params, eval_data, sharding, batch_size)
-    writer.write(step, results)
-    log(f"eval at step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+def evaluate_and_log(step: int, params, evaluations: Evaluations, writer: MetricsWriter, final: bool = False
+                     ) -> dict[str, float]:
+    results = evaluations.run(params, step, final=final)
+    if results:
+        writer.write(step, results)
+        log(f"eval at step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
     return results
 
 
@@ -102,9 +110,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_changes: set[st
     if (config.batch_size // ways) % config.microbatches:
         raise ConfigError(f"microbatches {config.microbatches} must divide the per-device batch "
                           f"{config.batch_size // ways}")
-    check_tokenizer_fits(config)
     check_backend(config.model.attention_impl)
     task = get_task(config, mesh)
+    check_tokenizer_fits(config, task)
     layout = make_state_layout(task, config, mesh)
     log(f"model: {param_count(layout):,} parameters; mesh {dict(mesh.shape)}")
     log_parameter_table(layout.abstract_state["params"], layout.shardings["params"], mesh.shape["fsdp"],
@@ -116,7 +124,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_changes: set[st
         if start:
             accept_config(config, root / "config.json", allow_changes)
         data_iterator = make_train_iterator(config)
-        eval_data, embedders = load_eval_data(config), make_embedders(task, layout, mesh)
+        evaluations = Evaluations(config, task, layout, mesh, root)
         if start:
             state = checkpoint.restore(manager, start, layout.abstract_state, data_iterator)
             log(f"resumed from {manager.directory} at step {start}")
@@ -127,12 +135,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_changes: set[st
         writer = MetricsWriter(root, resumed_step=start)
 
         def evaluate(step: int, params) -> dict[str, float]:
-            return evaluate_and_log(step, embedders, params, eval_data, sharding, eval_batch_size(config, sharding),
-                                    writer)
+            return evaluate_and_log(step, params, evaluations, writer)
 
-        loop = TrainLoop(config, task, layout, sharding, manager, data_iterator, writer, evaluate)
+        loop = TrainLoop(config, task, layout, sharding, manager, data_iterator, writer, evaluations.due, evaluate)
         state, last_step = loop.run(state, start)
-        results = evaluate(last_step, state["params"])
+        results = evaluate_and_log(last_step, state["params"], evaluations, writer, final=True)
         if jax.process_index() == 0 and results:
             (root / "eval_results.json").write_text(json.dumps({"step": last_step, **results}, indent=2))
         return results
@@ -148,9 +155,10 @@ class TrainLoop:
     """The steps from `start` to the end: dispatch, log one step late, check health, save, evaluate."""
 
     def __init__(self, config: ml_collections.ConfigDict, task, layout, sharding, manager, data_iterator,
-                 writer: MetricsWriter, evaluate: Callable[[int, Any], dict[str, float]]):
+                 writer: MetricsWriter, eval_due: Callable[[int], bool],
+                 evaluate: Callable[[int, Any], dict[str, float]]):
         self.config, self.manager, self.data_iterator = config, manager, data_iterator
-        self.writer, self.evaluate = writer, evaluate
+        self.writer, self.eval_due, self.evaluate = writer, eval_due, evaluate
         self.train_step = make_train_step(task, layout, sharding, config.microbatches)
         self.averager, self.health = IntervalAverager(), RunHealth()
         placeholder = zeros_like_batch(task.abstract_batch(config.batch_size // jax.process_count()))
@@ -175,7 +183,7 @@ class TrainLoop:
                 if step % config.checkpoint_every == 0 or step == config.total_steps:
                     self.check_health(self.health.snapshot(), step)
                     checkpoint.save(self.manager, step, state, self.data_iterator)
-                if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
+                if step < config.total_steps and self.eval_due(step):
                     self.check_health(self.health.snapshot(), step)
                     self.evaluate(step, state["params"])
             if pending is not None:

@@ -58,8 +58,8 @@ class CaptionPredictions:
         return model.decode_logits(self.encode_context(model, image_BxHxWx3), tokens_BxT)
 
     def max_decode_len(self) -> int:
-        """New tokens a decode may produce: the position table less the BOS slot."""
-        return self.config.model.text.max_len - 1
+        """New tokens a decode may produce: BOS and every token but the last take a position."""
+        return self.config.model.text.max_len
 
 
 class CaptioningTask(CaptionPredictions):

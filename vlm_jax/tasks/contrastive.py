@@ -25,6 +25,8 @@ class ContrastiveTask:
     """Builds a TwoTowers model from `config.model` and scores batches {"image", "text"}."""
 
     batch_keys = ("image", "text")
+    predictions = ("embed",)  # what evaluators may ask of it (vlm_jax/evaluators/predict.py)
+    default_evals = ("retrieval", "zeroshot")
     # Every example is a negative for every other: micro-batches cache embeddings (vlm_jax/microbatch.py).
     microbatching = "cached_embeddings"
 

@@ -1,0 +1,29 @@
+"""Tiny CapPa captioner (ViT encoder + text decoder, parallel prediction) on the synthetic shapes set.
+
+    make demo-data   (or the two data commands in clip_tiny.py)
+    python -m vlm_jax.train --config=configs/demo/cappa_tiny.py:demo_out/data --workdir=demo_out/cappa_tiny
+    python -m vlm_jax.generate --workdir=demo_out/cappa_tiny --images=demo_out/data/eval --beam=4
+
+Hardware: 2 CPU cores. Wall time and results: see the README's "Generative pretraining" section (targets: scoring
+classifier top-1 >= 80% on the 24 held-out classes, greedy captions naming the right colour and shape for >= 80%
+of held-out images; CIDEr-D reported). gallery.html and captions.jsonl land in the workdir.
+The argument is the data directory written by make_shards (default demo_out/data).
+"""
+
+import importlib.util
+import os
+
+
+def get_config(arg=None):
+    spec = importlib.util.spec_from_file_location(
+        "clip_tiny", os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_tiny.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(arg)
+    c.task = "captioning"
+    c.model.decoder.size = "mu"
+    c.model.decoder.width, c.model.decoder.depth = 96, 2
+    c.model.decoder.mlp_dim, c.model.decoder.num_heads = 384, 4
+    c.model.caption.masked_pred_prob = 0.75  # CapPa's share of parallel prediction
+    c.evals = {"perplexity": {}, "scoring_classifier": {}, "captioning": {"max_images": 480}}
+    return c

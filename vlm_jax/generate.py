@@ -1,0 +1,124 @@
+"""Captions for a folder of images or webdataset shards, from a workdir's newest checkpoint, with the KV cache.
+
+    python -m vlm_jax.generate --workdir=DIR --images=FOLDER_OR_SHARDS [--beam=4 | --top-p=0.9] [--out=FILE]
+
+Greedy by default; `--beam` > 1 runs beam search, `--temperature` / `--top-k` / `--top-p` sample. Writes one JSON
+line per image ({"key", "caption"}, plus "references" when the shards have captions) to --out (default
+DIR/generated.jsonl) and prints a few.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import ml_collections
+
+from data_pipelines import eval_split
+from data_pipelines.tokenizer import Tokenizer
+from vlm_jax import checkpoint
+from vlm_jax.config import ConfigError, load_saved_config
+from vlm_jax.decoding import SamplingConfig
+from vlm_jax.evaluate import USER_ERRORS
+from vlm_jax.evaluators.common import apply_in_batches
+from vlm_jax.evaluators.data import eval_preprocessing
+from vlm_jax.evaluators.predict import DecodeSettings, make_caption_decoder, require
+from vlm_jax.evaluators.registry import eval_batch_size
+from vlm_jax.parallel.mesh import make_mesh
+from vlm_jax.parallel.sharding import batch_sharding
+from vlm_jax.tasks import get_task
+from vlm_jax.train_state import make_state_layout
+from vlm_jax.workdir import resolve
+
+
+def image_source(images: str) -> str:
+    """A folder of .tar shards -> their glob; another folder -> "folder:DIR"; anything else (a shard spec,
+    "tfds:...", "csv:...", "folder:...") as given."""
+    if os.path.isdir(images):
+        if any(name.endswith(".tar") for name in os.listdir(images)):
+            return os.path.join(images, "*.tar")
+        return f"folder:{images}"
+    return images
+
+
+def caption_images(config: ml_collections.ConfigDict, workdir: str, images: str, settings: DecodeSettings
+                   ) -> tuple[int, list[dict]]:
+    """(checkpoint step, one record per image) for the newest checkpoint in `workdir`."""
+    mesh = make_mesh(config.mesh)
+    task = get_task(config)
+    require(task, config, "decode", "vlm_jax.generate")
+    layout = make_state_layout(task, config, mesh)
+    decode = make_caption_decoder(task, layout, mesh, settings)  # a bad length fails before anything loads
+    split = eval_split.load_eval_split(image_source(images), config.data.tokenizer,
+                                       image_size=config.model.image.image_size,
+                                       text_len=config.model.text.max_len, pp=eval_preprocessing(config))
+    manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+        params = checkpoint.restore_params(manager, step, layout.abstract_state)
+    finally:
+        manager.close()
+    sharding = batch_sharding(mesh, config.sharding_rules)
+    tokens = apply_in_batches(lambda image: decode(params, image), split["image"],
+                              eval_batch_size(config, sharding), sharding)
+    tokenizer = Tokenizer(config.data.tokenizer)
+    records = []
+    for key, row, references in zip(split["key"], tokens, split["captions"]):
+        record = {"key": key, "caption": tokenizer.decode(row)}
+        if references:
+            record["references"] = references
+        records.append(record)
+    return step, records
+
+
+def parse_settings(args: argparse.Namespace, config: ml_collections.ConfigDict) -> DecodeSettings:
+    if args.beam > 1 and (args.temperature or args.top_k or args.top_p < 1):
+        raise ConfigError("--beam and sampling (--temperature / --top-k / --top-p) exclude each other")
+    temperature = args.temperature if args.temperature is not None else (1.0 if args.top_k or args.top_p < 1
+                                                                         else 0.0)
+    return DecodeSettings(
+        max_new_tokens=args.max_new_tokens or config.model.text.max_len, beam=args.beam,
+        length_penalty=args.length_penalty, seed=args.seed,
+        sampling=SamplingConfig(temperature=temperature, top_k=args.top_k, top_p=args.top_p))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 0 with the JSONL written; 2 (one `error:` line) for bad input."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--images", required=True, help="a folder of images, a folder of .tar shards, a shard spec")
+    parser.add_argument("--out", help="JSONL file (default WORKDIR/generated.jsonl)")
+    parser.add_argument("--beam", type=int, default=1)
+    parser.add_argument("--length-penalty", type=float, default=0.6)
+    parser.add_argument("--temperature", type=float, help="default 0 (greedy), or 1 with --top-k / --top-p")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, help="default model.text.max_len")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--show", type=int, default=5, help="captions printed")
+    args = parser.parse_args(argv)
+    try:
+        config = load_saved_config(resolve(args.workdir) / "config.json")
+        settings = parse_settings(args, config)
+        step, records = caption_images(config, args.workdir, args.images, settings)
+    except USER_ERRORS as e:
+        if os.environ.get("VLM_JAX_TRACEBACK"):
+            raise
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if jax.process_index() == 0:
+        out = resolve(args.out) if args.out else resolve(args.workdir) / "generated.jsonl"
+        out.write_text("".join(json.dumps(record) + "\n" for record in records))
+        print(f"{len(records)} captions from step {step} ({settings.describe()}) written to {out}")
+        for record in records[:args.show]:
+            print(f"  {record['key']}: {record['caption']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
