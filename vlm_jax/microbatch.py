@@ -12,6 +12,18 @@ the full batch (GradCache, Gao et al. 2021):
   3. per micro-batch, recompute its embeddings and back-propagate the cached embedding gradients;
      the temperature's gradient comes from step 2 directly.
 Micro-batch j takes the j-th slice of every device's rows, so splitting moves no data between devices.
+
+A loss = a batch-coupled term on the embeddings + a per-example term (CoCa: contrastive + captioning) works the
+same way when the task also has `embed_pair_and_local_loss(model, micro_batch) -> ((zimg, ztxt), local_loss,
+local_metrics)`, `local_loss` being the micro-batch's mean of the per-example term, and optionally
+`local_loss_weight(micro_batch)` (its share of the full batch's mean: rows or tokens; default equal). Steps 1 and
+2 are unchanged (`embed_pair` and `loss_from_embeddings` only: CoCa's step 1 runs the ViT, the contrastive pooler
+and the unimodal text layers, not the decoder), so the coupled term still sees all B x B pairs: full-batch
+negatives. Step 3 runs `embed_pair_and_local_loss` instead and back-propagates (cached embedding gradients,
+w_j = weight_j / sum of weights) through (embeddings, local loss) in one vjp: the per-example term's gradient
+is sum_j w_j grad(local_j), the full batch's mean. The loss is step 2's plus sum_j w_j local_j; local metrics
+are averaged with the same weights (exact for means taken like the loss). Without that method (the contrastive
+task) step 3 is exactly as above.
 """
 
 from __future__ import annotations
@@ -53,6 +65,8 @@ def cached_embedding_grads(task, merge_params: Callable[[Any], Any], params: Any
     (loss, metrics), (dzimg, dztxt, grads) = jax.value_and_grad(loss_from, argnums=(0, 1, 2), has_aux=True)(
         zimg, ztxt, params)  # `grads` holds the temperature's gradient; the towers' come next
     dzimg, dztxt = split(dzimg, k, ways), split(dztxt, k, ways)
+    if hasattr(task, "embed_pair_and_local_loss"):
+        return with_local_terms(task, merge_params, params, micro, (dzimg, dztxt), (loss, metrics), grads)
 
     def accumulate(total, inputs):
         micro_batch, dzimg_i, dztxt_i = inputs
@@ -62,6 +76,34 @@ def cached_embedding_grads(task, merge_params: Callable[[Any], Any], params: Any
 
     grads, _ = jax.lax.scan(accumulate, grads, (micro, dzimg, dztxt))
     return (loss, metrics), grads
+
+
+def with_local_terms(task, merge_params: Callable[[Any], Any], params: Any, micro: dict[str, jax.Array],
+                     cotangents: tuple[jax.Array, jax.Array], coupled: tuple[jax.Array, dict], grads: Any
+                     ) -> tuple[tuple[jax.Array, dict], Any]:
+    """Step 3 for a loss with a per-example term: each micro-batch's vjp through (embeddings, local loss) with
+    (its cached embedding gradients, its weight); `coupled` is step 2's (loss, metrics), `grads` its gradient."""
+    weight_of = getattr(task, "local_loss_weight", None)
+    k = jax.tree.leaves(micro)[0].shape[0]
+    weights = jax.lax.map(weight_of, micro).astype(jnp.float32) if weight_of else jnp.ones((k,), jnp.float32)
+    total = jnp.sum(weights)
+    weights = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1), 0)  # no term at all: weight 0
+
+    def pair_and_local(p, micro_batch):
+        (zimg, ztxt), local, local_metrics = task.embed_pair_and_local_loss(merge_params(p), micro_batch)
+        return (zimg, ztxt, local), local_metrics
+
+    def accumulate(total_grads, inputs):
+        micro_batch, dzimg_i, dztxt_i, weight = inputs
+        (_, _, local), backward, local_metrics = jax.vjp(lambda p: pair_and_local(p, micro_batch), params,
+                                                         has_aux=True)
+        (micro_grads,) = backward((dzimg_i, dztxt_i, weight.astype(local.dtype)))
+        return jax.tree.map(jnp.add, total_grads, micro_grads), (local, local_metrics)
+
+    grads, (locals_k, metrics_k) = jax.lax.scan(accumulate, grads, (micro, *cotangents, weights))
+    weighted = lambda x: jnp.tensordot(weights, x.astype(jnp.float32), axes=1)  # noqa: E731
+    loss, metrics = coupled
+    return (loss + weighted(locals_k), {**metrics, **jax.tree.map(weighted, metrics_k)}), grads
 
 
 def accumulated_grads(loss_of: Callable, task, params: Any, batch: dict[str, jax.Array], rng: jax.Array, k: int,

@@ -6,7 +6,8 @@ vocab size), for CapPa's parallel prediction: those rows attend to every positio
 
 Decoding uses a functional cache (a dict of arrays, batch on axis 0, layers on axis 1): `init_cache` projects the
 image tokens' keys and values once per layer, `extend` appends T tokens at the cache's position. The
-`vlm_jax.decoding` module drives it.
+`vlm_jax.decoding` module drives it. The cache pieces (`cached_self_attention`, `empty_self_cache`,
+`stacked_image_kv`, `extend_stack`) also serve CoCa's unimodal and multimodal stacks (models/coca.py).
 
 Shape key: B batch, L tokens, N image tokens, D width, E image width, V vocabulary, S cache length,
 Y layers, H heads, K head dim.
@@ -22,7 +23,7 @@ from flax import nnx
 
 from vlm_jax.kernels.attention import dot_product_attention
 from vlm_jax.kernels.masks import MaskSpec
-from vlm_jax.models.layers import (LAYERS_AXIS, Encoder, EncoderSpec, MlpBlock, MultiHeadAttention, TowerOptions,
+from vlm_jax.models.layers import (Encoder, EncoderSpec, MlpBlock, MultiHeadAttention, TowerOptions,
                                    dense, layer_norm, partitioned)
 
 Cache = dict[str, jax.Array]
@@ -68,22 +69,69 @@ class DecoderBlock(nnx.Module):
 
     def extend(self, x_BxTxD: jax.Array, layer_cache: Cache, position: jax.Array) -> tuple[jax.Array, Cache]:
         """The block on T new tokens at `position`, reading and updating this layer's cache."""
-        h_BxTxD = self.ln_self(x_BxTxD)
-        attn = self.self_attn
-        layer_cache = dict(layer_cache)
-        for name, projection in (("self_k", attn.key), ("self_v", attn.value)):
-            layer_cache[name] = jax.lax.dynamic_update_slice_in_dim(
-                layer_cache[name], projection(h_BxTxD).astype(layer_cache[name].dtype), position, axis=1)
-        length, cache_len = x_BxTxD.shape[1], layer_cache["self_k"].shape[1]
-        visible_1xTxS = (jnp.arange(cache_len)[None, :] <= position + jnp.arange(length)[:, None])[None]
-        y = dot_product_attention(attn.query(h_BxTxD), layer_cache["self_k"], layer_cache["self_v"],
-                                  mask_BxTxS=visible_1xTxS, impl="xla")
-        x_BxTxD = x_BxTxD + attn.out(y)
+        y_BxTxD, layer_cache = cached_self_attention(self.self_attn, self.ln_self(x_BxTxD), layer_cache, position)
+        x_BxTxD = x_BxTxD + y_BxTxD
         cross = self.cross_attn
         y = dot_product_attention(cross.query(self.ln_cross(x_BxTxD)), layer_cache["cross_k"],
                                   layer_cache["cross_v"], impl="xla")
         x_BxTxD = x_BxTxD + cross.out(y)
         return x_BxTxD + self.mlp(self.ln_mlp(x_BxTxD)), layer_cache
+
+
+def cached_self_attention(attn: MultiHeadAttention, h_BxTxD: jax.Array, layer_cache: Cache, position: jax.Array
+                          ) -> tuple[jax.Array, Cache]:
+    """Causal self-attention of T new (normalised) tokens written at `position`: their keys and values go into
+    the layer's "self_k" / "self_v" [B, S, H, K], and each attends to every cached position up to its own.
+    Returns the attention output [B, T, D] (after the output projection) and the updated layer cache."""
+    layer_cache = dict(layer_cache)
+    for name, projection in (("self_k", attn.key), ("self_v", attn.value)):
+        layer_cache[name] = jax.lax.dynamic_update_slice_in_dim(
+            layer_cache[name], projection(h_BxTxD).astype(layer_cache[name].dtype), position, axis=1)
+    length, cache_len = h_BxTxD.shape[1], layer_cache["self_k"].shape[1]
+    visible_1xTxS = (jnp.arange(cache_len)[None, :] <= position + jnp.arange(length)[:, None])[None]
+    y = dot_product_attention(attn.query(h_BxTxD), layer_cache["self_k"], layer_cache["self_v"],
+                              mask_BxTxS=visible_1xTxS, impl="xla")
+    return attn.out(y), layer_cache
+
+
+def empty_self_cache(spec: EncoderSpec, batch: int, cache_len: int, dtype) -> Cache:
+    """Zero self-attention keys and values for every layer of a stack: [B, Y, S, H, K] each."""
+    empty = jnp.zeros((batch, spec.depth, cache_len, spec.num_heads, spec.width // spec.num_heads), dtype)
+    return {"self_k": empty, "self_v": empty}
+
+
+def stacked_image_kv(stack: Encoder, image_BxNxE: jax.Array) -> Cache:
+    """Every DecoderBlock's cross-attention keys and values of the image tokens, layers on axis 1."""
+    if stack.spec.scan:
+        graphdef, blocks = nnx.split(stack.blocks)
+        return jax.vmap(lambda block: nnx.merge(graphdef, block).image_kv(image_BxNxE), out_axes=1)(blocks)
+    per_layer = [block.image_kv(image_BxNxE) for block in stack.blocks]
+    return {key: jnp.stack([kv[key] for kv in per_layer], axis=1) for key in per_layer[0]}
+
+
+def extend_stack(stack: Encoder, x_BxTxD: jax.Array, layers: Cache, position: jax.Array) -> tuple[jax.Array, Cache]:
+    """`stack` (an Encoder whose blocks have `extend`) on T new tokens at `position` with its cache (layers on
+    axis 1), scanned when the stack is; returns the final-LayerNormed outputs and the updated cache.
+
+    The scanned stack runs as split state under `jax.lax.scan` rather than `nnx.scan`: decoding calls this inside
+    `jax.lax.while_loop` on a model built outside it, and NNX transforms refuse modules from an outer trace."""
+    if stack.spec.scan:
+        graphdef, blocks = nnx.split(stack.blocks)
+
+        def run_block(x, inputs):
+            block, layer_cache = inputs
+            return nnx.merge(graphdef, block).extend(x, layer_cache, position)
+
+        per_layer = {key: jnp.moveaxis(value, 1, 0) for key, value in layers.items()}
+        x_BxTxD, per_layer = jax.lax.scan(run_block, x_BxTxD, (blocks, per_layer))
+        layers = {key: jnp.moveaxis(value, 0, 1) for key, value in per_layer.items()}
+    else:
+        updated = []
+        for index, block in enumerate(stack.blocks):
+            x_BxTxD, layer = block.extend(x_BxTxD, {k: v[:, index] for k, v in layers.items()}, position)
+            updated.append(layer)
+        layers = {key: jnp.stack([layer[key] for layer in updated], axis=1) for key in layers}
+    return stack.ln_final(x_BxTxD), layers
 
 
 class TextDecoder(nnx.Module):
@@ -126,20 +174,11 @@ class TextDecoder(nnx.Module):
     def init_cache(self, image_BxNxE: jax.Array, cache_len: int, dtype=None) -> Cache:
         """An empty cache of `cache_len` positions holding every layer's image keys and values."""
         self.check_length(cache_len)
-        spec, batch = self.spec, image_BxNxE.shape[0]
         image_BxNxE = image_BxNxE.astype(self.config.dtype)
-        if spec.scan:
-            @nnx.vmap(in_axes=(0, None), out_axes=1)
-            def image_kv(block, image):
-                return block.image_kv(image)
-            cross = image_kv(self.decoder.blocks, image_BxNxE)
-        else:
-            per_layer = [block.image_kv(image_BxNxE) for block in self.decoder.blocks]
-            cross = {key: jnp.stack([kv[key] for kv in per_layer], axis=1) for key in per_layer[0]}
+        cross = stacked_image_kv(self.decoder, image_BxNxE)
         dtype = dtype or self.config.dtype
-        empty = jnp.zeros((batch, spec.depth, cache_len, spec.num_heads, spec.width // spec.num_heads), dtype)
-        return {"self_k": empty, "self_v": empty, **{k: v.astype(dtype) for k, v in cross.items()},
-                "position": jnp.zeros((), jnp.int32)}
+        return {**empty_self_cache(self.spec, image_BxNxE.shape[0], cache_len, dtype),
+                **{k: v.astype(dtype) for k, v in cross.items()}, "position": jnp.zeros((), jnp.int32)}
 
     def extend(self, tokens_BxT: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
         """float32 logits [B, T, V] of T new tokens written at the cache's position, and the updated cache."""
@@ -147,17 +186,5 @@ class TextDecoder(nnx.Module):
         posemb_TxD = jax.lax.dynamic_slice_in_dim(self.posemb[...], position, length, axis=0)
         x_BxTxD = self.token_embed(tokens_BxT) + posemb_TxD.astype(self.config.dtype)
         layers = {key: value for key, value in cache.items() if key != "position"}
-        if self.spec.scan:
-            @nnx.scan(in_axes=(0, nnx.Carry, 1), out_axes=(nnx.Carry, 1),
-                      transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
-            def run_stack(block, x, layer_cache):
-                return block.extend(x, layer_cache, position)
-            x_BxTxD, layers = run_stack(self.decoder.blocks, x_BxTxD, layers)
-        else:
-            updated = []
-            for index, block in enumerate(self.decoder.blocks):
-                x_BxTxD, layer = block.extend(x_BxTxD, {k: v[:, index] for k, v in layers.items()}, position)
-                updated.append(layer)
-            layers = {key: jnp.stack([layer[key] for layer in updated], axis=1) for key in layers}
-        logits = self.logits(self.decoder.ln_final(x_BxTxD))
-        return logits, {**layers, "position": position + length}
+        x_BxTxD, layers = extend_stack(self.decoder, x_BxTxD, layers, position)
+        return self.logits(x_BxTxD), {**layers, "position": position + length}
