@@ -1,0 +1,31 @@
+"""Tiny CoCa (contrastive + captioning, Yu et al. 2022) on the synthetic shapes set.
+
+    make demo-coca   (the data, then the two commands below)
+    python -m vlm_jax.train --config=configs/demo/coca_tiny.py:demo_out/data --workdir=demo_out/coca_tiny
+    python -m vlm_jax.generate --workdir=demo_out/coca_tiny --images=demo_out/data/eval --beam=4
+
+Hardware: 2 CPU cores. Wall time and results: see the README's "Generative pretraining" section (targets:
+contrastive zero-shot top-1 >= 80% on the 24 held-out classes, greedy captions naming the right colour and shape
+for >= 80% of held-out images). gallery.html and captions.jsonl land in the workdir.
+The argument is the data directory written by make_shards (default demo_out/data).
+"""
+
+import importlib.util
+import os
+
+
+def get_config(arg=None):
+    spec = importlib.util.spec_from_file_location(
+        "clip_tiny", os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_tiny.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(arg)
+    c.task = "coca"
+    c.model.image.pool = "none"
+    c.model.decoder.size = "mu"
+    c.model.decoder.width, c.model.decoder.depth = 96, 2
+    c.model.decoder.mlp_dim, c.model.decoder.num_heads = 384, 4
+    c.model.coca.caption_queries = 16  # as many as the 4 x 4 patches
+    c.model.coca.contrastive_weight, c.model.coca.caption_weight = 1.0, 2.0  # open_clip's defaults
+    c.evals = {"zeroshot": {}, "retrieval": {}, "perplexity": {}, "captioning": {"max_images": 480}}
+    return c
