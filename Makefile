@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA := demo_out/data
 WORKDIR := demo_out/clip_tiny
 
-.PHONY: install demo test test-fast clean-demo peer-env
+.PHONY: install demo demo-data demo-cappa demo-coca test test-fast clean-demo peer-env
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,15 @@ demo: install $(DATA)/spm.model
 	$(BIN)/python -m vlm_jax.train --config=configs/demo/clip_tiny.py:$(DATA) --workdir=$(WORKDIR)
 	$(BIN)/python -m vlm_jax.evaluate --workdir=$(WORKDIR)
 	@echo "Demo finished: metrics.jsonl, tensorboard/, checkpoints/ and eval_results.json are in $(WORKDIR)"
+
+demo-data: install $(DATA)/spm.model
+
+# The generative demos (README, "Generative pretraining"): train with their evaluators, then caption the
+# held-out images with beam search.
+demo-cappa demo-coca: demo-%: install $(DATA)/spm.model
+	$(BIN)/python -m vlm_jax.train --config=configs/demo/$*_tiny.py:$(DATA) --workdir=demo_out/$*_tiny
+	$(BIN)/python -m vlm_jax.generate --workdir=demo_out/$*_tiny --images=$(DATA)/eval --beam=4
+	@echo "Finished: gallery.html, captions.jsonl, generated.jsonl and eval_results.json are in demo_out/$*_tiny"
 
 # The tests also need the TPU compiler (libtpu, about 700 MB): every kernel and train step is compiled for TPU.
 $(VENV)/.installed-tpu: $(VENV)/.installed

@@ -133,3 +133,40 @@ def make_example(rng: np.random.Generator, label: int, image_size: int = 64) -> 
         bg=rng.choice(_BACKGROUNDS[bg]),
     )
     return Image.fromarray(pixels), _article(caption)
+
+
+_SHAPE_WORDS = {"circle": ("circle", "disk", "round"), "square": ("square", "box", "block"),
+                "triangle": ("triangle", "triangular", "wedge"), "cross": ("cross", "plus")}
+
+
+def named_classes(text: str) -> tuple[set[str], set[str]]:
+    """(colours, shapes) a caption names, shapes by class word or synonym."""
+    words = set(text.lower().replace(",", " ").replace(":", " ").replace("-", " ").split())
+    return ({color for color in COLORS if color in words},
+            {shape for shape, names in _SHAPE_WORDS.items() if words & set(names)})
+
+
+def caption_names_its_class(caption: str, references: list[str]) -> bool:
+    """Whether a generated caption names exactly the colour and the shape its reference captions name."""
+    return named_classes(caption) == named_classes(" ".join(references))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m data_pipelines.synthetic FILE.jsonl: the share of generated captions ({"caption", "references"}
+    lines, as vlm_jax's captioning evaluator and vlm_jax.generate write them) that name the right colour and
+    shape."""
+    import json
+    import sys
+    paths = sys.argv[1:] if argv is None else argv
+    for path in paths:
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        scored = [r for r in records if r.get("references")]
+        right = sum(caption_names_its_class(r["caption"], r["references"]) for r in scored)
+        print(json.dumps({"file": path, "captions": len(scored),
+                          "colour_and_shape_named": round(right / max(len(scored), 1), 4)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

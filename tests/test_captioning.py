@@ -7,15 +7,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vlm_jax import checkpoint
 from vlm_jax.decoding import SamplingConfig, beam_search, generate, greedy_by_recomputation
 from vlm_jax.kernels.masks import MaskSpec
 from vlm_jax.parallel.sharding import to_global_batch
 from vlm_jax.tasks import get_task
 from vlm_jax.tasks.caption_loss import caption_loss
-from vlm_jax.train_state import init_train_state
 
-from test_train_step import assert_same_history, history_of, make_batch, setup, tiny_config
+from test_train_step import (assert_same_history, history_of, make_batch, setup, tiny_config,
+                             trained_saved_restored)
 
 
 def captioning_config(**mesh):
@@ -111,16 +110,7 @@ def test_eight_devices_match_one_device(one_device_captioning, mesh):
 
 
 def test_save_restore_gives_identical_next_steps(tmp_path):
-    config = captioning_config(data=4, fsdp=2)
-    layout, sharding, step_fn = setup(config, jax.devices())
-    state = init_train_state(layout, 0)
-    for i in range(2):
-        state, _ = step_fn(state, to_global_batch(make_batch(i), sharding))
-    manager = checkpoint.make_manager(str(tmp_path), 2)
-    assert checkpoint.save(manager, 2, state, None)
-    manager.wait_until_finished()
-    restored = checkpoint.restore(manager, 2, layout.abstract_state, None)
-    manager.close()
+    step_fn, sharding, state, restored = trained_saved_restored(captioning_config(data=4, fsdp=2), tmp_path)
     for i in range(2, 4):  # the parallel-prediction draws come from the restored key too
         batch = to_global_batch(make_batch(i), sharding)
         state, expected = step_fn(state, batch)
@@ -197,3 +187,13 @@ def test_scoring_sums_the_caption_log_likelihood():
     for row, n in enumerate((3, 5)):
         expected = -sum(float(logp[row, t, int(text[row, t])]) for t in range(n))
         np.testing.assert_allclose(nll[row], expected, rtol=1e-5)
+
+
+def test_every_synthetic_caption_names_its_colour_and_shape():
+    """The demo target's check (data_pipelines.synthetic.caption_names_its_class) recognises every wording."""
+    from data_pipelines.synthetic import caption_names_its_class, class_names, make_example
+    rng = np.random.default_rng(0)
+    captions = [(label, make_example(rng, label, 16)[1]) for label in list(range(24)) * 20]
+    assert all(caption_names_its_class(caption, [class_names()[label]]) for label, caption in captions)
+    assert not caption_names_its_class("a photo of a red box", ["a red disk"])
+    assert not caption_names_its_class("a red circle and a blue square", ["a red circle"])

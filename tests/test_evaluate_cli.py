@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from vlm_jax import checkpoint, evaluate
-from vlm_jax.config import load_config, save_config
+from vlm_jax import checkpoint, evaluate, generate
+from vlm_jax.config import load_config, load_saved_config, save_config
 from vlm_jax.parallel.mesh import make_mesh
 from vlm_jax.evaluators import registry
 from vlm_jax.evaluators.data import load_eval_data
@@ -120,3 +120,24 @@ def test_retrieval_runs_only_where_captions_exist(workdirs, monkeypatch):
     monkeypatch.setattr(registry, "load_eval_data", lambda *args, **kwargs: label_only)
     assert set(Evaluations(config, task, layout, mesh).run(params, 1, final=True)) == {
         "zeroshot/top1", "zeroshot/top5"}
+
+
+def test_generative_requests_on_a_contrastive_workdir_fail_in_one_line(workdirs, tmp_path, capsys):
+    """A captioning evaluator, or vlm_jax.generate, on a contrastive workdir names the task; so do unknown
+    evaluator types and settings."""
+    _, root = workdirs
+    config = load_saved_config(root / "finite" / "config.json")
+    for name, evals, expected in (
+            ("caption", {"captioning": {}}, "evaluator 'captioning' (captioning) needs a model that can decode "
+                                            "captions (a generative task: captioning or coca); this workdir's "
+                                            "task is 'contrastive'"),
+            ("scores", {"zs": {"type": "scoring_classifier"}}, "task is 'contrastive'"),
+            ("unknown", {"bleu": {}}, "config.evals['bleu']: unknown evaluator type 'bleu'"),
+            ("setting", {"zeroshot": {"beam": 4}}, "unknown setting 'beam' for a zeroshot evaluator")):
+        config.evals = evals
+        shutil.copytree(root / "finite", tmp_path / name)
+        save_config(config, str(tmp_path / name / "config.json"))
+        assert evaluate.main([f"--workdir={tmp_path / name}"]) == 2
+        assert expected in one_error_line(capsys)
+    assert generate.main([f"--workdir={root / 'finite'}", f"--images={tmp_path}"]) == 2
+    assert "vlm_jax.generate needs a model that can decode captions" in one_error_line(capsys)

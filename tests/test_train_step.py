@@ -83,18 +83,24 @@ def test_parameters_are_sharded_by_logical_rules():
     assert specs["logit_scale"] == jax.P()
 
 
+def trained_saved_restored(config, tmp_path, steps=2):
+    """(step_fn, sharding, state after `steps` steps, that state saved to and restored from an orbax checkpoint)."""
+    layout, sharding, step_fn = setup(config, jax.devices())
+    state = init_train_state(layout, 0)
+    for i in range(steps):
+        state, _ = step_fn(state, to_global_batch(make_batch(i), sharding))
+    manager = checkpoint.make_manager(str(tmp_path), 2)
+    assert checkpoint.save(manager, steps, state, None)
+    manager.wait_until_finished()
+    restored = checkpoint.restore(manager, steps, layout.abstract_state, None)
+    manager.close()
+    return step_fn, sharding, state, restored
+
+
 def test_save_restore_gives_identical_state_and_next_steps(tmp_path):
     """Everything comes back (step, key, parameters, optimizer moments and count), and the next 3 steps of the
     restored state equal those of the original."""
-    config = tiny_config(data=4, fsdp=2)
-    layout, sharding, step_fn = setup(config, jax.devices())
-    state = init_train_state(layout, 0)
-    for i in range(2):
-        state, _ = step_fn(state, to_global_batch(make_batch(i), sharding))
-    manager = checkpoint.make_manager(str(tmp_path), 2)
-    assert checkpoint.save(manager, 2, state, None)
-    manager.wait_until_finished()
-    restored = checkpoint.restore(manager, 2, layout.abstract_state, None)
+    step_fn, sharding, state, restored = trained_saved_restored(tiny_config(data=4, fsdp=2), tmp_path)
     saved = dict(leaves_with_path_str(jax.device_get(state)))
     loaded = dict(leaves_with_path_str(jax.device_get(restored)))
     assert saved.keys() == loaded.keys() and any(p.startswith("opt_state/") for p in saved)
@@ -107,7 +113,6 @@ def test_save_restore_gives_identical_state_and_next_steps(tmp_path):
         restored, resumed = step_fn(restored, batch)
         assert float(resumed["loss"]) == float(expected["loss"])
         assert float(resumed["grad_norm"]) == float(expected["grad_norm"])
-    manager.close()
 
 
 # Golden values of one step of the tiny model on make_batch(0) from seed 0, 1 device, float32 on CPU. Update them

@@ -8,6 +8,8 @@
         (exit code 1 when the step does not fit the chip's HBM)
     python -m vlm_jax.bench attention [--lengths=1024,4096,16384] [--mask=causal] [--dtype=bfloat16]
     python -m vlm_jax.bench vmem [--lengths=16384,32768]      (TPU flash kernels' VMEM, from the TPU compiler)
+    python -m vlm_jax.bench decode --config=configs/demo/cappa_tiny.py [--tokens=32 --batch=8]
+        (caption decoding with the KV cache vs recomputing the prefix at every token)
 
 With --peer, the peer (its train step, or its webdataset loader on the same shards) is timed right after ours
 in the same run (in its own Python environment, see `make peer-env`) and the ratio is reported.
@@ -134,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
                            help="default: float32 on CPU, bfloat16 on accelerators")
     vmem = commands.add_parser("vmem", help="VMEM of the TPU flash kernels per generation, from the TPU compiler")
     vmem.add_argument("--lengths", default="16384,32768")
+    decode = commands.add_parser("decode", help="cached vs recomputed caption decoding, tokens/s")
+    decode.add_argument("--config", required=True)
+    decode.add_argument("--tokens", type=int, default=32)
+    decode.add_argument("--batch", type=int, default=8)
+    decode.add_argument("--repeats", type=int, default=3)
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.command == "vmem":
         print(json.dumps(bench_vmem([int(n) for n in args.lengths.split(",")])), flush=True)
@@ -161,6 +168,15 @@ def main(argv: list[str] | None = None) -> int:
         if verdict:
             print(f"error: {verdict}", file=sys.stderr)
             return 1
+        return 0
+    if args.command == "decode":
+        from vlm_jax.bench_decode import bench_decode
+        try:
+            report = bench_decode(config, args.tokens, args.batch, args.repeats)
+        except ValueError as e:
+            print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 2
+        print(json.dumps({"config": args.config, **report}), flush=True)
         return 0
     if args.command == "data":
         from vlm_jax.bench_data import bench_data  # the input pipeline's packages (grain, OpenCV) only here

@@ -89,3 +89,15 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainStat
 def restore_params(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> Any:
     """The parameters of `step`, for evaluation and export (the optimizer state is restored, then dropped)."""
     return restore(manager, step, abstract_state, None)["params"]
+
+
+def restore_newest_params(workdir, keep: int, abstract_state: TrainState) -> tuple[int, Any]:
+    """(step, parameters) of the newest checkpoint in `workdir`; FileNotFoundError when there is none."""
+    manager = make_manager(workdir, keep)
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+        return step, restore_params(manager, step, abstract_state)
+    finally:
+        manager.close()

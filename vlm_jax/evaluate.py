@@ -37,14 +37,7 @@ def evaluate_workdir(workdir: str, only: list[str] | None = None) -> dict[str, A
     evaluations = Evaluations(config, task, layout, mesh, root, only)  # bad settings fail before the restore
     if not evaluations:
         raise ConfigError("nothing to evaluate: set config.data.eval_shards or config.evals")
-    manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
-    try:
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-        params = checkpoint.restore_params(manager, step, layout.abstract_state)
-    finally:
-        manager.close()
+    step, params = checkpoint.restore_newest_params(workdir, config.keep_checkpoints, layout.abstract_state)
     return {"step": step, **evaluations.run(params, step, final=True, require_finite=True)}
 
 

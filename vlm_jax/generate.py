@@ -55,14 +55,7 @@ def caption_images(config: ml_collections.ConfigDict, workdir: str, images: str,
     split = eval_split.load_eval_split(image_source(images), config.data.tokenizer,
                                        image_size=config.model.image.image_size,
                                        text_len=config.model.text.max_len, pp=eval_preprocessing(config))
-    manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
-    try:
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-        params = checkpoint.restore_params(manager, step, layout.abstract_state)
-    finally:
-        manager.close()
+    step, params = checkpoint.restore_newest_params(workdir, config.keep_checkpoints, layout.abstract_state)
     sharding = batch_sharding(mesh, config.sharding_rules)
     tokens = apply_in_batches(lambda image: decode(params, image), split["image"],
                               eval_batch_size(config, sharding), sharding)

@@ -1,6 +1,6 @@
 """Tiny CapPa captioner (ViT encoder + text decoder, parallel prediction) on the synthetic shapes set.
 
-    make demo-data   (or the two data commands in clip_tiny.py)
+    make demo-cappa   (the data, then the two commands below)
     python -m vlm_jax.train --config=configs/demo/cappa_tiny.py:demo_out/data --workdir=demo_out/cappa_tiny
     python -m vlm_jax.generate --workdir=demo_out/cappa_tiny --images=demo_out/data/eval --beam=4
 

@@ -2,7 +2,8 @@
 
 Pre-LN blocks: causal self-attention, cross-attention to every image token, MLP. Learned positions, an untied
 output projection (zero-initialised by default, as CapPa). The input table has one extra row, [MASK] (id =
-vocab size), for CapPa's parallel prediction: those rows attend to every position (full, not causal).
+vocab size), for CapPa's parallel prediction (those rows attend to every position: full, not causal), and is
+padded to a multiple of 128 rows so that tensor parallelism can split it.
 
 Decoding uses a functional cache (a dict of arrays, batch on axis 0, layers on axis 1): `init_cache` projects the
 image tokens' keys and values once per layer, `extend` appends T tokens at the cache's position. The
@@ -27,6 +28,12 @@ from vlm_jax.models.layers import (Encoder, EncoderSpec, MlpBlock, MultiHeadAtte
                                    dense, layer_norm, partitioned)
 
 Cache = dict[str, jax.Array]
+ROW_MULTIPLE = 128  # the input table's rows are padded to this, so the vocabulary axis splits over devices
+
+
+def input_rows(vocab_size: int) -> int:
+    """Rows of the input embedding: the vocabulary and [MASK], rounded up to a multiple of ROW_MULTIPLE."""
+    return -(-(vocab_size + 1) // ROW_MULTIPLE) * ROW_MULTIPLE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +148,7 @@ class TextDecoder(nnx.Module):
         spec = config.encoder_spec()
         self.config, self.spec = config, spec
         self.token_embed = nnx.Embed(
-            config.vocab_size + 1, spec.width, dtype=config.dtype, param_dtype=jnp.float32, rngs=rngs,
+            input_rows(config.vocab_size), spec.width, dtype=config.dtype, param_dtype=jnp.float32, rngs=rngs,
             embedding_init=partitioned(nnx.initializers.normal(0.02), ("vocab", "embed")))
         self.posemb = nnx.Param(partitioned(nnx.initializers.normal(0.02), (None, "embed"))(
             rngs.params(), (config.max_len, spec.width), jnp.float32))
