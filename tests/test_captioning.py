@@ -148,10 +148,9 @@ def test_cached_decoding_equals_recomputation(scan):
 
     greedy = generate(prefill, extend, pixels, max_new_tokens=length, eos_id=task.eos_id)
     np.testing.assert_array_equal(greedy, greedy_without_cache(task, model, pixels, length))
-    if not scan:  # the decoding module's own no-cache reference (a scanned stack cannot run inside its loop)
-        reference = greedy_by_recomputation(lambda inputs, tokens: task.forward(model, inputs, tokens), pixels,
-                                            bos_id=task.bos_id, max_new_tokens=length, eos_id=task.eos_id)
-        np.testing.assert_array_equal(greedy, reference)
+    reference = greedy_by_recomputation(lambda inputs, tokens: task.forward(model, inputs, tokens), pixels,
+                                        bos_id=task.bos_id, max_new_tokens=length, eos_id=task.eos_id)
+    np.testing.assert_array_equal(greedy, reference)  # the decoding module's no-cache reference
     beam1 = beam_search(prefill, extend, pixels, beam_size=1, max_new_tokens=length, eos_id=task.eos_id,
                         length_penalty=0.0)
     np.testing.assert_array_equal(beam1, greedy)

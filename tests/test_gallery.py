@@ -8,7 +8,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from vlm_jax.evaluators.gallery import write_gallery
+from vlm_jax.evaluators.gallery import render_gallery_png, write_gallery
 
 
 class _Collector(html.parser.HTMLParser):
@@ -63,3 +63,10 @@ def test_gallery_float_images_and_max_items(tmp_path):
     assert decoded.dtype == np.uint8 and decoded[0, 0, 0] == 0
     last = np.asarray(Image.open(io.BytesIO(base64.b64decode(page.images[1].split(",", 1)[1]))))
     np.testing.assert_array_equal(last, np.clip(np.round((images[1] + 1) * 127.5), 0, 255).astype(np.uint8))
+
+
+def test_png_rendering_tiles_the_first_items():
+    images = np.zeros((6, 8, 8, 3), np.uint8)
+    png = render_gallery_png(images, ["a red box"] * 6, [["a red square"]] * 6, columns=4, max_items=5, scale=4)
+    sheet = Image.open(io.BytesIO(png))
+    assert sheet.size == (4 * (232 + 8), 2 * (32 + 40))  # 5 items on 4 columns: 2 rows

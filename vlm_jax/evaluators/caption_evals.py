@@ -10,13 +10,12 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from data_pipelines.tokenizer import Tokenizer
 from vlm_jax.decoding import SamplingConfig
 from vlm_jax.evaluators.caption_metrics import caption_scores
 from vlm_jax.evaluators.common import Evaluator, apply_in_batches, check_finite
-from vlm_jax.evaluators.gallery import write_gallery
+from vlm_jax.evaluators.gallery import render_gallery_png, write_gallery
 from vlm_jax.evaluators.predict import DecodeSettings, make_caption_decoder, on_mesh
 from vlm_jax.evaluators.ranks import ranks_of_matches
 
@@ -68,11 +67,10 @@ class ScoringClassifierEvaluator(Evaluator):
 
         def nll_of_prompts(model, image):
             context = task.encode_context(model, image)
-            graphdef, state = nnx.split(model)  # merged inside the loop: NNX refuses modules from an outer trace
 
             def one_prompt(prompt_L):
                 text_BxL = jnp.broadcast_to(prompt_L, (image.shape[0], prompt_L.shape[0]))
-                return task.score_text(nnx.merge(graphdef, state), context, text_BxL)[0]
+                return task.score_text(model, context, text_BxL)[0]
 
             return jax.lax.map(one_prompt, prompts_PxL, batch_size=chunk).T  # [B, P]
         self.nll = on_mesh(task, env.layout, env.mesh, nll_of_prompts)
@@ -92,8 +90,8 @@ class ScoringClassifierEvaluator(Evaluator):
 
 class CaptioningEvaluator(Evaluator):
     """Decodes a caption per image (greedy, sampling or beam search) and scores CIDEr-D and BLEU-4 against the
-    references; writes gallery.html (images, generated and reference captions) and captions.jsonl in the
-    workdir."""
+    references; writes gallery.html (images, generated and reference captions), a gallery.png of the first 16
+    and captions.jsonl in the workdir."""
 
     type = "captioning"
     prediction = "decode"
@@ -127,8 +125,10 @@ class CaptioningEvaluator(Evaluator):
 
     def write_outputs(self, step: int, rows: np.ndarray, generated: list[str], references: list[list[str]]) -> None:
         shown = int(self.options["gallery"])
-        write_gallery(self.env.workdir / "gallery.html", self.data.images[rows[:shown]], generated[:shown],
-                      references[:shown], f"{self.spec.name} at step {step}: {self.description}")
+        images = self.data.images[rows[:shown]]
+        write_gallery(self.env.workdir / "gallery.html", images, generated[:shown], references[:shown],
+                      f"{self.spec.name} at step {step}: {self.description}")
+        (self.env.workdir / "gallery.png").write_bytes(render_gallery_png(images, generated, references))
         lines = [json.dumps({"key": self.data.keys[row], "caption": caption, "references": refs})
                  for row, caption, refs in zip(rows, generated, references)]
         (self.env.workdir / "captions.jsonl").write_text("\n".join(lines) + "\n")

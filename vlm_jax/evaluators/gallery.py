@@ -60,3 +60,25 @@ def write_gallery(path: str | os.PathLike | epath.Path, images, generated: list[
     target = path if isinstance(path, epath.Path) else resolve(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(page)
+
+
+def render_gallery_png(images, generated: list[str], references: list[list[str]], columns: int = 4,
+                       max_items: int = 16, scale: int = 4) -> bytes:
+    """The first `max_items` examples as one PNG (each image upscaled `scale` times, the generated caption
+    and the first reference under it): the gallery where no browser is at hand (terminals, READMEs)."""
+    from PIL import ImageDraw, ImageFont
+    array = _to_uint8(images)[:max_items]
+    height, width = array.shape[1] * scale, array.shape[2] * scale
+    cell_w, cell_h = max(width, 232) + 8, height + 40
+    rows = -(-len(array) // columns)
+    sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+    for index, image in enumerate(array):
+        x, y = (index % columns) * cell_w, (index // columns) * cell_h
+        tile = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+        sheet.paste(tile.resize((width, height), Image.NEAREST), (x + 4, y + 4))
+        draw.text((x + 4, y + height + 8), generated[index][:48], fill="black", font=font)
+        draw.text((x + 4, y + height + 22), (references[index] or [""])[0][:48], fill="grey", font=font)
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -193,16 +193,21 @@ class Encoder(nnx.Module):
         def apply_block(block, x):
             return constrain(block(x, *context), RESIDUAL_AXES)
 
-        if self.spec.remat != "none":
-            apply_block = nnx.remat(apply_block, policy=REMAT_POLICIES[self.spec.remat])
+        policy = REMAT_POLICIES.get(self.spec.remat)
         if self.spec.scan:
-            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
-                      transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
-            def run_stack(block, x):
-                return apply_block(block, x)
+            # Split state under jax.lax.scan rather than nnx.scan: decoders and evaluators call stacks inside
+            # jax loops on a model built outside them, and NNX transforms refuse modules from an outer trace.
+            graphdef, stacked = nnx.split(self.blocks)
 
-            x_BxNxD = run_stack(self.blocks, x_BxNxD)
+            def run_layer(x, layer):
+                return apply_block(nnx.merge(graphdef, layer), x), None
+
+            if policy is not None:
+                run_layer = jax.checkpoint(run_layer, policy=policy)
+            x_BxNxD, _ = jax.lax.scan(run_layer, x_BxNxD, stacked)
         else:
+            if policy is not None:
+                apply_block = nnx.remat(apply_block, policy=policy)
             for block in self.blocks:
                 x_BxNxD = apply_block(block, x_BxNxD)
         return self.ln_final(x_BxNxD)
