@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from vlm_jax.flops import captioner_train_flops_per_sample
 from vlm_jax.models.captioner import Captioner
 from vlm_jax.tasks.caption_loss import BOS_ID, EOS_ID, caption_loss, sequence_nll, teacher_forcing
-from vlm_jax.tasks.towers import decoder_config, vit_config
+from vlm_jax.tasks.towers import decoder_config, image_text_batch, vit_config
 
 
 class CaptionPredictions:
@@ -76,9 +76,7 @@ class CaptioningTask(CaptionPredictions):
 
     def abstract_batch(self, batch_size: int, sharding=None) -> dict[str, jax.ShapeDtypeStruct]:
         """Shapes and dtypes of one global batch as the input pipeline delivers it (uint8 images)."""
-        image, length = self.config.model.image.image_size, self.config.model.text.max_len
-        return {"image": jax.ShapeDtypeStruct((batch_size, image, image, 3), jnp.uint8, sharding=sharding),
-                "text": jax.ShapeDtypeStruct((batch_size, length), jnp.int32, sharding=sharding)}
+        return image_text_batch(self.config, batch_size, sharding)
 
     def train_flops_per_sample(self) -> int:
         return captioner_train_flops_per_sample(self.config.model)

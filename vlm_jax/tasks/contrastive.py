@@ -18,7 +18,7 @@ from vlm_jax.models.two_towers import TwoTowers
 from vlm_jax.parallel.contrastive import DISTRIBUTED_LOSSES, block_top1, local_block_top1
 from vlm_jax.parallel.sharding import logical_to_mesh_spec
 from vlm_jax.tasks.contrastive_losses import LOSSES
-from vlm_jax.tasks.towers import text_config, vit_config
+from vlm_jax.tasks.towers import image_text_batch, text_config, vit_config
 
 
 class ContrastiveTask:
@@ -40,9 +40,7 @@ class ContrastiveTask:
 
     def abstract_batch(self, batch_size: int, sharding=None) -> dict[str, jax.ShapeDtypeStruct]:
         """Shapes and dtypes of one global batch as the input pipeline delivers it (uint8 images)."""
-        image, length = self.config.model.image.image_size, self.config.model.text.max_len
-        return {"image": jax.ShapeDtypeStruct((batch_size, image, image, 3), jnp.uint8, sharding=sharding),
-                "text": jax.ShapeDtypeStruct((batch_size, length), jnp.int32, sharding=sharding)}
+        return image_text_batch(self.config, batch_size, sharding)
 
     def train_flops_per_sample(self) -> int:
         """Analytic model FLOPs of one training example (forward + backward), the numerator of MFU."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -34,3 +35,11 @@ def decoder_config(m: ml_collections.ConfigDict, image_width: int) -> DecoderCon
     return DecoderConfig(size=m.decoder.size, vocab_size=m.text.vocab_size, max_len=m.text.max_len,
                          image_width=image_width, zero_init_head=m.decoder.zero_init_head,
                          **_shared(m, m.decoder))
+
+
+def image_text_batch(config: ml_collections.ConfigDict, batch_size: int, sharding=None
+                     ) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of one global {"image", "text"} batch as the input pipeline delivers it (uint8 images)."""
+    image, length = config.model.image.image_size, config.model.text.max_len
+    return {"image": jax.ShapeDtypeStruct((batch_size, image, image, 3), jnp.uint8, sharding=sharding),
+            "text": jax.ShapeDtypeStruct((batch_size, length), jnp.int32, sharding=sharding)}
