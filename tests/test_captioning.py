@@ -196,3 +196,36 @@ def test_every_synthetic_caption_names_its_colour_and_shape():
     assert all(caption_names_its_class(caption, [class_names()[label]]) for label, caption in captions)
     assert not caption_names_its_class("a photo of a red box", ["a red disk"])
     assert not caption_names_its_class("a red circle and a blue square", ["a red circle"])
+
+
+def test_scoring_classifier_and_perplexity_equal_direct_computation():
+    """The evaluators (mesh-sharded batches, prompts scored in chunks) against per-pair score_text calls."""
+    from vlm_jax.evaluators.caption_evals import PerplexityEvaluator, ScoringClassifierEvaluator
+    from vlm_jax.evaluators.data import EvalData
+    from vlm_jax.evaluators.registry import EvalEnv, EvalSpec
+    from vlm_jax.parallel.mesh import make_mesh
+    from vlm_jax.parallel.sharding import batch_sharding
+    from vlm_jax.train_state import init_train_state, make_state_layout
+
+    config = captioning_config(data=2)
+    mesh = make_mesh(config.mesh, jax.devices()[:2])
+    task = get_task(config)
+    layout = make_state_layout(task, config, mesh)
+    params = init_train_state(layout, 1)["params"]
+    rng = np.random.default_rng(2)
+    prompts = rng.integers(4, 60, (3, 2, 8)).astype(np.int32)  # 3 classes x 2 templates
+    prompts[..., 5:] = 0
+    prompts[..., 4] = 1
+    texts = prompts[[0, 2, 1, 1, 0], 0]
+    data = EvalData(np.asarray(images(5, seed=3)), texts, np.arange(5), np.array([0, 2, 1, 1, 0]), prompts)
+    env = EvalEnv(task, config, layout, mesh, batch_sharding(mesh, config.sharding_rules), 4, None)
+    scored = ScoringClassifierEvaluator(EvalSpec("s", "scoring_classifier", None, 0, {"prompt_chunk": 4}), env,
+                                        data).run(params, 0)
+    model = layout.merge(params)
+    context = task.encode_context(model, jnp.asarray(data.images))
+    nll = np.stack([np.asarray(task.score_text(model, context, jnp.broadcast_to(p, (5, 8)))[0])
+                    for p in prompts.reshape(6, 8)], axis=1).reshape(5, 3, 2).mean(-1)
+    assert scored["top1"] == pytest.approx(np.mean(np.argmin(nll, 1) == data.labels))
+    perplexity = PerplexityEvaluator(EvalSpec("p", "perplexity", None, 0, {}), env, data).run(params, 0)
+    total, count = task.score_text(model, context, jnp.asarray(texts))
+    assert perplexity["nll"] == pytest.approx(float(np.sum(total) / np.sum(count)), rel=1e-5)
