@@ -8,7 +8,7 @@
         (exit code 1 when the step does not fit the chip's HBM)
     python -m vlm_jax.bench attention [--lengths=1024,4096,16384] [--mask=causal] [--dtype=bfloat16]
     python -m vlm_jax.bench vmem [--lengths=16384,32768]      (TPU flash kernels' VMEM, from the TPU compiler)
-    python -m vlm_jax.bench decode --config=configs/demo/cappa_tiny.py [--tokens=32 --batch=8]
+    python -m vlm_jax.bench decode --config=configs/demo/cappa_tiny.py [--tokens=32 --batch=32]
         (caption decoding with the KV cache vs recomputing the prefix at every token)
 
 With --peer, the peer (its train step, or its webdataset loader on the same shards) is timed right after ours
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     decode = commands.add_parser("decode", help="cached vs recomputed caption decoding, tokens/s")
     decode.add_argument("--config", required=True)
     decode.add_argument("--tokens", type=int, default=32)
-    decode.add_argument("--batch", type=int, default=8)
+    decode.add_argument("--batch", type=int, default=32)
     decode.add_argument("--repeats", type=int, default=3)
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.command == "vmem":
