@@ -57,7 +57,8 @@ def caption_images(config: ml_collections.ConfigDict, workdir: str, images: str,
                                        text_len=config.model.text.max_len, pp=eval_preprocessing(config))
     step, params = checkpoint.restore_newest_params(workdir, config.keep_checkpoints, layout.abstract_state)
     sharding = batch_sharding(mesh, config.sharding_rules)
-    tokens = apply_in_batches(lambda image: decode(params, image), split["image"],
+    batches = iter(range(len(split["image"])))  # each batch samples with its own key
+    tokens = apply_in_batches(lambda image: decode(params, image, next(batches)), split["image"],
                               eval_batch_size(config, sharding), sharding)
     tokenizer = Tokenizer(config.data.tokenizer)
     records = []
@@ -75,7 +76,8 @@ def parse_settings(args: argparse.Namespace, config: ml_collections.ConfigDict) 
     temperature = args.temperature if args.temperature is not None else (1.0 if args.top_k or args.top_p < 1
                                                                          else 0.0)
     return DecodeSettings(
-        max_new_tokens=args.max_new_tokens or config.model.text.max_len, beam=args.beam,
+        max_new_tokens=config.model.text.max_len if args.max_new_tokens is None else args.max_new_tokens,
+        beam=args.beam,
         length_penalty=args.length_penalty, seed=args.seed,
         sampling=SamplingConfig(temperature=temperature, top_k=args.top_k, top_p=args.top_p))
 

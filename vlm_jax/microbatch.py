@@ -114,7 +114,8 @@ def accumulated_grads(loss_of: Callable, task, params: Any, batch: dict[str, jax
     micro = {key: split(value, k, ways) for key, value in batch.items()}
     weight_of = getattr(task, "loss_weight", None)
     weights = jax.lax.map(weight_of, micro).astype(jnp.float32) if weight_of else jnp.ones((k,), jnp.float32)
-    weights = weights / jnp.sum(weights)
+    total = jnp.sum(weights)  # 0 for an all-padding (placeholder) batch: equal weights, not 0 / 0
+    weights = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 1.0 / k)
 
     def accumulate(total, inputs):
         micro_batch, weight, index = inputs

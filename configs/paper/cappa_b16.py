@@ -6,7 +6,9 @@ clipping at 1, batch 8,192 for 366,500 steps (3B examples).
 
     python -m vlm_jax.train --config=configs/paper/cappa_b16.py:SHARDS,TOKENIZER --workdir=gs://BUCKET/cappa_b16
 
-The argument: "train shards,tokenizer.model" (default: LAION-style placeholders under gs://). A pod recipe: it is
+The argument: "train shards,tokenizer.model" (default: LAION-style placeholders under gs://). The tokenizer must
+have this project's ids (0 pad, 1 EOS, 3 BOS: `python -m data_pipelines.tokenizer train --vocab-size 32000`);
+T5's c4_en model has no BOS and is refused at start. A pod recipe: it is
 compiled for a TPU topology in the test suite (tests/test_tpu_train_steps.py), not trained here. Layers are
 scanned (one compiled block per stack).
 """
@@ -15,7 +17,7 @@ from vlm_jax.config import base_config
 
 
 def get_config(arg=None):
-    shards, _, tokenizer = (arg or "gs://your-bucket/laion400m/{00000..41407}.tar,gs://your-bucket/c4_en.model"
+    shards, _, tokenizer = (arg or "gs://your-bucket/laion400m/{00000..41407}.tar,gs://your-bucket/spm_32k.model"
                             ).partition(",")
     c = base_config()
     c.task = "captioning"

@@ -7,15 +7,16 @@ Text: 64 tokens of a 32k sentencepiece vocabulary (open_clip uses CLIP's 49,408 
 
     python -m vlm_jax.train --config=configs/paper/coca_b32.py:SHARDS,TOKENIZER --workdir=gs://BUCKET/coca_b32
 
-A pod recipe: it is compiled for a TPU topology in the test suite (tests/test_tpu_train_steps.py), not trained
-here. Layers are scanned (one compiled block per stack).
+The tokenizer must have this project's ids (0 pad, 1 EOS, 3 BOS: `python -m data_pipelines.tokenizer train
+--vocab-size 32000`). A pod recipe: it is compiled for a TPU topology in the test suite
+(tests/test_tpu_train_steps.py), not trained here. Layers are scanned (one compiled block per stack).
 """
 
 from vlm_jax.config import base_config
 
 
 def get_config(arg=None):
-    shards, _, tokenizer = (arg or "gs://your-bucket/laion400m/{00000..41407}.tar,gs://your-bucket/c4_en.model"
+    shards, _, tokenizer = (arg or "gs://your-bucket/laion400m/{00000..41407}.tar,gs://your-bucket/spm_32k.model"
                             ).partition(",")
     c = base_config()
     c.task = "coca"

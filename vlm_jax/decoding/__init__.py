@@ -5,13 +5,13 @@ A model is driven through pure functions (see `protocol.py`): `prefill(inputs) -
 """
 
 from vlm_jax.decoding.beam_search import beam_search, length_divisor
-from vlm_jax.decoding.cache_ops import gather_rows, repeat_rows
+from vlm_jax.decoding.cache_ops import gather_beams, repeat_rows
 from vlm_jax.decoding.generate import decoder_from_forward, generate, greedy_by_recomputation
 from vlm_jax.decoding.protocol import Extend, Forward, Prefill
 from vlm_jax.decoding.sampling import SamplingConfig, filter_logits, sample_tokens, top_k_filter, top_p_filter
 
 __all__ = [
     "Extend", "Forward", "Prefill", "SamplingConfig", "beam_search", "decoder_from_forward", "filter_logits",
-    "gather_rows", "generate", "greedy_by_recomputation", "length_divisor", "repeat_rows", "sample_tokens",
+    "gather_beams", "generate", "greedy_by_recomputation", "length_divisor", "repeat_rows", "sample_tokens",
     "top_k_filter", "top_p_filter",
 ]

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.decoding.cache_ops import gather_rows, repeat_rows
+from vlm_jax.decoding.cache_ops import gather_beams, repeat_rows
 from vlm_jax.decoding.generate import check_positive
 from vlm_jax.decoding.protocol import Extend, Prefill
 
@@ -92,7 +92,6 @@ def beam_search(prefill: Prefill, extend: Extend, inputs: Any, *, beam_size: int
     beams, _, token_BxK = _search_step(beams, jnp.repeat(logits_BxV, beam_size, axis=0), 0, eos_id=eos_id,
                                        alpha=alpha)
     cache = repeat_rows(cache, beam_size)
-    row_base_Bx1 = jnp.arange(batch)[:, None] * beam_size
 
     def not_done(carry):
         step, beams, _, _, _ = carry
@@ -100,7 +99,7 @@ def beam_search(prefill: Prefill, extend: Extend, inputs: Any, *, beam_size: int
 
     def step_fn(carry):
         step, beams, parent_BxK, token_BxK, cache = carry
-        cache = gather_rows(cache, (row_base_Bx1 + parent_BxK).reshape(-1))
+        cache = gather_beams(cache, parent_BxK)
         logits_BKxV, cache = extend(cache, token_BxK.reshape(-1))
         beams, parent_BxK, token_BxK = _search_step(beams, logits_BKxV, step, eos_id=eos_id, alpha=alpha)
         return step + 1, beams, parent_BxK, token_BxK, cache

@@ -103,18 +103,22 @@ class CaptioningEvaluator(Evaluator):
         super().__init__(spec, env, data)
         o = self.options
         decode = DecodeSettings(
-            max_new_tokens=o["max_new_tokens"] or env.task.max_decode_len(), beam=int(o["beam"]),
+            max_new_tokens=env.task.max_decode_len() if o["max_new_tokens"] is None else int(o["max_new_tokens"]),
+            beam=int(o["beam"]),
             length_penalty=float(o["length_penalty"]),
             sampling=SamplingConfig(temperature=float(o["temperature"]), top_k=int(o["top_k"]),
                                     top_p=float(o["top_p"])))
         self.decode = make_caption_decoder(env.task, env.layout, env.mesh, decode)
+        if (o["max_images"] is not None and o["max_images"] < 1) or o["gallery"] < 0:
+            raise ValueError(f"evaluation {spec.name!r}: max_images must be >= 1 (or None) and gallery >= 0")
         self.tokenizer = Tokenizer(env.config.data.tokenizer)
         self.description = decode.describe()
 
     def run(self, params, step: int, *, require_finite: bool = False) -> dict[str, float]:
         data, limit = self.data, self.options["max_images"]
         captioned = np.flatnonzero([bool(refs) for refs in data.references])[:limit]
-        tokens = apply_in_batches(lambda image: self.decode(params, image), data.images[captioned],
+        batches = iter(range(step * len(captioned), (step + 1) * len(captioned)))  # fresh draws per batch and step
+        tokens = apply_in_batches(lambda image: self.decode(params, image, next(batches)), data.images[captioned],
                                   self.env.batch_size, self.env.sharding)
         generated = [self.tokenizer.decode(row) for row in tokens]
         references = [data.references[i] for i in captioned]
@@ -125,10 +129,11 @@ class CaptioningEvaluator(Evaluator):
 
     def write_outputs(self, step: int, rows: np.ndarray, generated: list[str], references: list[list[str]]) -> None:
         shown = int(self.options["gallery"])
-        images = self.data.images[rows[:shown]]
-        write_gallery(self.env.workdir / "gallery.html", images, generated[:shown], references[:shown],
-                      f"{self.spec.name} at step {step}: {self.description}")
-        (self.env.workdir / "gallery.png").write_bytes(render_gallery_png(images, generated, references))
+        if shown:
+            images = self.data.images[rows[:shown]]
+            write_gallery(self.env.workdir / "gallery.html", images, generated[:shown], references[:shown],
+                          f"{self.spec.name} at step {step}: {self.description}")
+            (self.env.workdir / "gallery.png").write_bytes(render_gallery_png(images, generated, references))
         lines = [json.dumps({"key": self.data.keys[row], "caption": caption, "references": refs})
                  for row, caption, refs in zip(rows, generated, references)]
         (self.env.workdir / "captions.jsonl").write_text("\n".join(lines) + "\n")

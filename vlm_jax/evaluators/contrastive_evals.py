@@ -24,6 +24,13 @@ class EmbeddingEvaluator(Evaluator):
         self.embed_image = on_mesh(env.task, env.layout, env.mesh, env.task.embed_image)
         self.embed_text = on_mesh(env.task, env.layout, env.mesh, env.task.embed_text)
 
+    def embed_images(self, params, require_finite: bool) -> np.ndarray:
+        """The split's image embeddings, computed once per evaluation run for every embedding evaluator."""
+        key = ("image_embeddings", id(self.data))
+        if key not in self.env.memo:
+            self.env.memo[key] = self.embed(self.embed_image, params, self.data.images, "image", require_finite)
+        return self.env.memo[key]
+
     def embed(self, fn, params, array: np.ndarray, what: str, require_finite: bool) -> np.ndarray:
         embeddings = apply_in_batches(lambda x: fn(params, x), array, self.env.batch_size, self.env.sharding)
         if require_finite:
@@ -38,7 +45,7 @@ class RetrievalEvaluator(EmbeddingEvaluator):
     needs = ("captions",)
 
     def run(self, params, step: int, *, require_finite: bool = False) -> dict[str, float]:
-        image_NxE = self.embed(self.embed_image, params, self.data.images, "image", require_finite)
+        image_NxE = self.embed_images(params, require_finite)
         text_MxE = self.embed(self.embed_text, params, self.data.texts, "caption", require_finite)
         recall = retrieval_recall(image_NxE, text_MxE, self.data.text_image)
         return {key.removeprefix("retrieval/"): value for key, value in recall.items()}
@@ -51,7 +58,7 @@ class ZeroShotEvaluator(EmbeddingEvaluator):
     needs = ("class_labels",)
 
     def run(self, params, step: int, *, require_finite: bool = False) -> dict[str, float]:
-        image_NxE = self.embed(self.embed_image, params, self.data.images, "image", require_finite)
+        image_NxE = self.embed_images(params, require_finite)
         num_classes, _, length = self.data.prompts.shape
         prompt_CTxE = self.embed(self.embed_text, params, self.data.prompts.reshape(-1, length), "class prompt",
                                  require_finite)

@@ -66,16 +66,20 @@ class DecodeSettings:
 
 
 def make_caption_decoder(task, layout: StateLayout, mesh: Mesh, settings: DecodeSettings
-                         ) -> Callable[[Any, jax.Array], jax.Array]:
-    """jitted (params, images [B,H,W,3]) -> caption ids [B, max_new_tokens] (EOS, then padding), with the KV
-    cache; a one-line ValueError when the length does not fit the decoder's position table."""
+                         ) -> Callable[[Any, jax.Array, int], jax.Array]:
+    """(params, images [B,H,W,3], call index) -> caption ids [B, max_new_tokens] (EOS, then padding), jitted with
+    the KV cache; sampling draws from fold_in(key(settings.seed), call index), so every batch gets its own
+    randomness. A one-line ValueError when the length does not fit the decoder's position table or the beam is
+    not positive."""
+    if settings.beam < 1:
+        raise ValueError(f"beam must be >= 1, got {settings.beam}")
     limit = task.max_decode_len()
     if not 0 < settings.max_new_tokens <= limit:
         raise ValueError(f"decode length {settings.max_new_tokens} is outside 1..{limit}: the decoder's position "
                          f"table holds model.text.max_len = {limit} tokens (BOS and all but the last new one)")
     cache_len = settings.max_new_tokens  # BOS and every new token but the last
 
-    def decode(model, images):
+    def decode(model, images, rng):
         def prefill(inputs):
             return task.prefill(model, inputs, cache_len)
 
@@ -86,8 +90,8 @@ def make_caption_decoder(task, layout: StateLayout, mesh: Mesh, settings: Decode
             return beam_search(prefill, extend, images, beam_size=settings.beam,
                                max_new_tokens=settings.max_new_tokens, eos_id=task.eos_id,
                                length_penalty=settings.length_penalty)
-        rng = jax.random.key(settings.seed) if settings.sampling.temperature > 0 else None
         return generate(prefill, extend, images, max_new_tokens=settings.max_new_tokens, eos_id=task.eos_id,
-                        sampling=settings.sampling, rng=rng)
+                        sampling=settings.sampling, rng=None if settings.sampling.greedy else rng)
 
-    return on_mesh(task, layout, mesh, decode)
+    jitted, key = on_mesh(task, layout, mesh, decode), jax.random.key(settings.seed)
+    return lambda params, images, index: jitted(params, images, jax.random.fold_in(key, index))

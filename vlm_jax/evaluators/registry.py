@@ -55,6 +55,9 @@ class EvalEnv:
     sharding: NamedSharding
     batch_size: int
     workdir: epath.Path | None
+    # Predictions shared by the evaluators of one run (e.g. image embeddings for retrieval and zero-shot);
+    # cleared when a run starts.
+    memo: dict = dataclasses.field(default_factory=dict)
 
 
 def eval_specs(config: ml_collections.ConfigDict, task) -> tuple[list[EvalSpec], bool]:
@@ -65,7 +68,10 @@ def eval_specs(config: ml_collections.ConfigDict, task) -> tuple[list[EvalSpec],
         return [EvalSpec(name, name, None, config.eval_every, {}) for name in names], True
     specs = []
     for name, entry in config.evals.items():
-        entry = dict(entry or {})
+        if not isinstance(entry, dict):
+            raise ConfigError(f"config.evals[{name!r}] must be a dict of settings (e.g. {{'every': 500}}), got "
+                              f"{entry!r}")
+        entry = dict(entry)
         kind = entry.get("type", name)
         if kind not in EVALUATORS:
             raise ConfigError(f"config.evals[{name!r}]: unknown evaluator type {kind!r}; choose from "
@@ -75,7 +81,7 @@ def eval_specs(config: ml_collections.ConfigDict, task) -> tuple[list[EvalSpec],
             raise ConfigError(f"config.evals[{name!r}]: unknown setting {sorted(unknown)[0]!r} for a {kind} "
                               f"evaluator; it takes {', '.join(COMMON_KEYS + tuple(EVALUATORS[kind].settings))}")
         every = entry.get("every", config.eval_every)
-        if not isinstance(every, int) or every < 0:
+        if not isinstance(every, int) or isinstance(every, bool) or every < 0:
             raise ConfigError(f"config.evals[{name!r}]['every'] must be an integer >= 0, got {every!r}")
         settings = {key: value for key, value in entry.items() if key not in COMMON_KEYS}
         specs.append(EvalSpec(name, kind, entry.get("data"), every, settings))
@@ -94,7 +100,7 @@ class Evaluations:
     def __init__(self, config: ml_collections.ConfigDict, task, layout: StateLayout, mesh: Mesh,
                  workdir: epath.Path | None = None, only: list[str] | None = None):
         sharding = batch_sharding(mesh, config.sharding_rules)
-        env = EvalEnv(task, config, layout, mesh, sharding, eval_batch_size(config, sharding), workdir)
+        env = self.env = EvalEnv(task, config, layout, mesh, sharding, eval_batch_size(config, sharding), workdir)
         specs, defaults = eval_specs(config, task)
         if only:
             missing = [name for name in only if name not in {spec.name for spec in specs}]
@@ -137,6 +143,7 @@ class Evaluations:
     def run(self, params, step: int, *, final: bool = False, require_finite: bool = False) -> dict[str, float]:
         """Results of the evaluators due at `step` (all of them when `final`), keyed "<name>/<metric>"."""
         results = {}
+        self.env.memo.clear()
         for spec, evaluator in self.evaluators:
             if final or (spec.every and step % spec.every == 0):
                 metrics = evaluator.run(params, step, require_finite=require_finite)

@@ -24,8 +24,9 @@ from flax import nnx
 
 from vlm_jax.kernels.attention import dot_product_attention
 from vlm_jax.kernels.masks import MaskSpec
-from vlm_jax.models.layers import (Encoder, EncoderSpec, MlpBlock, MultiHeadAttention, TowerOptions,
+from vlm_jax.models.layers import (RESIDUAL_AXES, Encoder, EncoderSpec, MlpBlock, MultiHeadAttention, TowerOptions,
                                    dense, layer_norm, partitioned)
+from vlm_jax.parallel.sharding import constrain
 
 Cache = dict[str, jax.Array]
 ROW_MULTIPLE = 128  # the input table's rows are padded to this, so the vocabulary axis splits over devices
@@ -127,7 +128,8 @@ def extend_stack(stack: Encoder, x_BxTxD: jax.Array, layers: Cache, position: ja
 
         def run_block(x, inputs):
             block, layer_cache = inputs
-            return nnx.merge(graphdef, block).extend(x, layer_cache, position)
+            x, layer_cache = nnx.merge(graphdef, block).extend(x, layer_cache, position)
+            return constrain(x, RESIDUAL_AXES), layer_cache
 
         per_layer = {key: jnp.moveaxis(value, 1, 0) for key, value in layers.items()}
         x_BxTxD, per_layer = jax.lax.scan(run_block, x_BxTxD, (blocks, per_layer))
@@ -136,6 +138,7 @@ def extend_stack(stack: Encoder, x_BxTxD: jax.Array, layers: Cache, position: ja
         updated = []
         for index, block in enumerate(stack.blocks):
             x_BxTxD, layer = block.extend(x_BxTxD, {k: v[:, index] for k, v in layers.items()}, position)
+            x_BxTxD = constrain(x_BxTxD, RESIDUAL_AXES)
             updated.append(layer)
         layers = {key: jnp.stack([layer[key] for layer in updated], axis=1) for key in layers}
     return stack.ln_final(x_BxTxD), layers

@@ -193,23 +193,24 @@ class Encoder(nnx.Module):
         def apply_block(block, x):
             return constrain(block(x, *context), RESIDUAL_AXES)
 
+        # Blocks run as split state under jax.lax.scan / jax.checkpoint rather than NNX transforms: decoders and
+        # evaluators call stacks inside jax loops on a model built outside them, and NNX transforms refuse
+        # modules from an outer trace.
         policy = REMAT_POLICIES.get(self.spec.remat)
+
+        def layer_fn(graphdef):
+            def run(x, state):
+                return apply_block(nnx.merge(graphdef, state), x)
+            return run if policy is None else jax.checkpoint(run, policy=policy)
+
         if self.spec.scan:
-            # Split state under jax.lax.scan rather than nnx.scan: decoders and evaluators call stacks inside
-            # jax loops on a model built outside them, and NNX transforms refuse modules from an outer trace.
             graphdef, stacked = nnx.split(self.blocks)
-
-            def run_layer(x, layer):
-                return apply_block(nnx.merge(graphdef, layer), x), None
-
-            if policy is not None:
-                run_layer = jax.checkpoint(run_layer, policy=policy)
-            x_BxNxD, _ = jax.lax.scan(run_layer, x_BxNxD, stacked)
+            run_layer = layer_fn(graphdef)
+            x_BxNxD, _ = jax.lax.scan(lambda x, state: (run_layer(x, state), None), x_BxNxD, stacked)
         else:
-            if policy is not None:
-                apply_block = nnx.remat(apply_block, policy=policy)
             for block in self.blocks:
-                x_BxNxD = apply_block(block, x_BxNxD)
+                graphdef, state = nnx.split(block)
+                x_BxNxD = layer_fn(graphdef)(x_BxNxD, state)
         return self.ln_final(x_BxNxD)
 
 
