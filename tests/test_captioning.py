@@ -198,8 +198,10 @@ def test_every_synthetic_caption_names_its_colour_and_shape():
     assert not caption_names_its_class("a red circle and a blue square", ["a red circle"])
 
 
-def test_scoring_classifier_and_perplexity_equal_direct_computation():
-    """The evaluators (mesh-sharded batches, prompts scored in chunks) against per-pair score_text calls."""
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scoring_classifier_and_perplexity_equal_direct_computation(remat):
+    """The evaluators (mesh-sharded batches, prompts scored in chunks inside a jax loop) against per-pair
+    score_text calls; also with rematerialised blocks (which once failed inside the loop)."""
     from vlm_jax.evaluators.caption_evals import PerplexityEvaluator, ScoringClassifierEvaluator
     from vlm_jax.evaluators.data import EvalData
     from vlm_jax.evaluators.registry import EvalEnv, EvalSpec
@@ -208,6 +210,7 @@ def test_scoring_classifier_and_perplexity_equal_direct_computation():
     from vlm_jax.train_state import init_train_state, make_state_layout
 
     config = captioning_config(data=2)
+    config.model.image.remat = config.model.decoder.remat = remat
     mesh = make_mesh(config.mesh, jax.devices()[:2])
     task = get_task(config)
     layout = make_state_layout(task, config, mesh)
