@@ -13,8 +13,7 @@ from vlm_jax.parallel.sharding import to_global_batch
 from vlm_jax.tasks import get_task
 from vlm_jax.tasks.caption_loss import caption_loss
 
-from test_train_step import (assert_same_history, history_of, make_batch, setup, tiny_config,
-                             trained_saved_restored)
+from test_train_step import assert_same_history, make_batch, run_steps, tiny_config, trained_saved_restored
 
 
 def captioning_config(**mesh):
@@ -95,18 +94,12 @@ def test_caption_loss_matches_numpy_values_and_gradients(reduction, smoothing):
 
 @pytest.fixture(scope="module")
 def one_device_captioning():
-    return history_of(*setup_captioning(captioning_config(), jax.devices()[:1]))
-
-
-def setup_captioning(config, devices):
-    layout, sharding, step_fn = setup(config, devices)
-    return step_fn, layout, sharding
+    return run_steps(captioning_config(), jax.devices()[:1])
 
 
 @pytest.mark.parametrize("mesh", [dict(data=8), dict(data=2, fsdp=2, tensor=2)])
 def test_eight_devices_match_one_device(one_device_captioning, mesh):
-    assert_same_history(history_of(*setup_captioning(captioning_config(**mesh), jax.devices())),
-                        one_device_captioning)
+    assert_same_history(run_steps(captioning_config(**mesh), jax.devices()), one_device_captioning)
 
 
 def test_save_restore_gives_identical_next_steps(tmp_path):
