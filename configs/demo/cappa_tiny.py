@@ -1,4 +1,5 @@
-"""Tiny CapPa captioner (ViT encoder + text decoder, parallel prediction) on the synthetic shapes set.
+"""Tiny captioner (ViT encoder + text decoder; CapPa's architecture and loss, parallel prediction optional) on the
+synthetic shapes set.
 
     make demo-cappa   (the data, then the two commands below)
     python -m vlm_jax.train --config=configs/demo/cappa_tiny.py:demo_out/data --workdir=demo_out/cappa_tiny
@@ -21,9 +22,17 @@ def get_config(arg=None):
     spec.loader.exec_module(module)
     c = module.get_config(arg)
     c.task = "captioning"
+    c.total_steps = 3600
+    c.checkpoint_every = 600
+    c.eval_every = 1200
+    c.optim.lr, c.optim.warmup_steps = 3e-3, 200
     c.model.decoder.size = "mu"
     c.model.decoder.width, c.model.decoder.depth = 96, 2
     c.model.decoder.mlp_dim, c.model.decoder.num_heads = 384, 4
-    c.model.caption.masked_pred_prob = 0.75  # CapPa's share of parallel prediction
-    c.evals = {"perplexity": {}, "scoring_classifier": {}, "captioning": {"max_images": 480}}
+    # CapPa's parallel prediction share. Measured on this data within the 10-minute budget (README), any share
+    # slowed the image tower's learning of shape: 0.75 -> 25-38%, 0.5 -> 44%, 0.25 -> 38-66% scoring-classifier
+    # top-1 against 94% for plain captioning (0.0). Pass --config.model.caption.masked_pred_prob=0.75 for
+    # CapPa's recipe.
+    c.model.caption.masked_pred_prob = 0.0
+    c.evals = {"perplexity": {}, "scoring_classifier": {"every": 0}, "captioning": {"every": 0}}
     return c
