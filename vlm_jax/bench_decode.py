@@ -23,7 +23,7 @@ NEVER = -1  # an EOS id no token has: every row decodes the full length
 
 def bench_decode(config: ml_collections.ConfigDict, tokens: int, batch: int, repeats: int) -> dict:
     """Median seconds per batch and tokens/s, cached and by recomputation, and their ratio."""
-    config.model.text.max_len = max(config.model.text.max_len, tokens)
+    config.model.text.max_len = max(config.model.text.max_len, tokens)  # reported in the result
     mesh = make_mesh(config.mesh, jax.devices()[:1])
     task = get_task(config)
     require(task, config, "decode", "bench decode")
@@ -42,7 +42,7 @@ def bench_decode(config: ml_collections.ConfigDict, tokens: int, batch: int, rep
         return greedy_by_recomputation(lambda x, t: task.forward(model, x, t), images, bos_id=task.bos_id,
                                        max_new_tokens=tokens, eos_id=NEVER)
 
-    result = {"tokens": tokens, "batch": batch}
+    result = {"tokens": tokens, "batch": batch, "max_len": config.model.text.max_len}  # widened to hold the decode
     for name, fn in (("cached", cached), ("recomputed", recomputed)):
         run = jax.jit(fn)
         run(params, images).block_until_ready()
