@@ -189,6 +189,16 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def sibling_recipe(config_file: str, name: str, arg: str | None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of the recipe `name` in the folder of `config_file` (a variant's `__file__`), so a variant
+    overrides its base instead of copying it."""
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+    module_spec = importlib.util.spec_from_file_location(f"_recipe_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
 def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
     """Loads `path[:arg]`, calls its `get_config(arg)`, applies `key=value` overrides, validates."""
     path, _, arg = spec.partition(":")

@@ -11,16 +11,11 @@ of held-out images; CIDEr-D reported). gallery.html and captions.jsonl land in t
 The argument is the data directory written by make_shards (default demo_out/data).
 """
 
-import importlib.util
-import os
+from vlm_jax.config import sibling_recipe
 
 
 def get_config(arg=None):
-    spec = importlib.util.spec_from_file_location(
-        "clip_tiny", os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(arg)
+    c = sibling_recipe(__file__, "clip_tiny.py", arg)
     c.task = "captioning"
     c.total_steps = 3600
     c.checkpoint_every = 600

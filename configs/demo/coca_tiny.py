@@ -10,16 +10,11 @@ for >= 80% of held-out images). gallery.html and captions.jsonl land in the work
 The argument is the data directory written by make_shards (default demo_out/data).
 """
 
-import importlib.util
-import os
+from vlm_jax.config import sibling_recipe
 
 
 def get_config(arg=None):
-    spec = importlib.util.spec_from_file_location(
-        "clip_tiny", os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(arg)
+    c = sibling_recipe(__file__, "clip_tiny.py", arg)
     c.task = "coca"
     c.model.image.pool = "none"
     c.model.decoder.size = "mu"

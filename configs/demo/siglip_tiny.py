@@ -7,15 +7,10 @@ count as negatives, which slows the sigmoid loss more than the softmax one: expe
 clip_tiny for the same steps (about 60% at 600 steps vs 79% measured during development).
 """
 
-import importlib.util
-import os
+from vlm_jax.config import sibling_recipe
 
 
 def get_config(arg=None):
-    spec = importlib.util.spec_from_file_location(
-        "clip_tiny", os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(arg)
+    c = sibling_recipe(__file__, "clip_tiny.py", arg)
     c.model.loss = "sigmoid"
     return c
