@@ -56,3 +56,11 @@ def sequence_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array, mask_BxL: jax.
                  ) -> tuple[jax.Array, jax.Array]:
     """(summed NLL of each sequence's supervised tokens [B], their count [B]): for perplexity and scoring."""
     return jnp.sum(token_nll(logits_BxLxV, targets_BxL) * mask_BxL, axis=1), jnp.sum(mask_BxL, axis=1)
+
+
+def caption_loss_weight(text_BxL: jax.Array, reduction: str) -> jax.Array:
+    """A micro-batch's share of the caption loss when accumulating: its rows (per-example mean) or its supervised
+    tokens (per-token mean)."""
+    if reduction == "token":
+        return jnp.sum(text_BxL != PAD_ID)
+    return jnp.asarray(text_BxL.shape[0])

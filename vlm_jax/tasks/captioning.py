@@ -18,7 +18,8 @@ from jax.sharding import Mesh
 
 from vlm_jax.flops import captioner_train_flops_per_sample
 from vlm_jax.models.captioner import Captioner
-from vlm_jax.tasks.caption_loss import BOS_ID, EOS_ID, caption_loss, sequence_nll, teacher_forcing
+from vlm_jax.tasks.caption_loss import (BOS_ID, EOS_ID, caption_loss, caption_loss_weight, sequence_nll,
+                                        teacher_forcing)
 from vlm_jax.tasks.towers import decoder_config, image_text_batch, vit_config
 
 
@@ -102,6 +103,4 @@ class CaptioningTask(CaptionPredictions):
 
     def loss_weight(self, micro_batch: dict[str, jax.Array]) -> jax.Array:
         """A micro-batch's share of the loss: its rows (per-example mean) or its supervised tokens."""
-        if self.config.model.caption.loss_reduction == "token":
-            return jnp.sum(micro_batch["text"] != 0)
-        return jnp.asarray(micro_batch["text"].shape[0])
+        return caption_loss_weight(micro_batch["text"], self.config.model.caption.loss_reduction)

@@ -18,14 +18,13 @@ from __future__ import annotations
 import re
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
 from vlm_jax.flops import coca_train_flops_per_sample
 from vlm_jax.models.coca import Coca, CocaConfig
-from vlm_jax.tasks.caption_loss import BOS_ID, PAD_ID, caption_loss, teacher_forcing
+from vlm_jax.tasks.caption_loss import BOS_ID, PAD_ID, caption_loss, caption_loss_weight, teacher_forcing
 from vlm_jax.tasks.captioning import CaptionPredictions
 from vlm_jax.tasks.contrastive import ContrastiveTask
 from vlm_jax.tasks.towers import decoder_config, text_config, vit_config
@@ -82,14 +81,11 @@ class CocaTask(CaptionPredictions):
         contrastive, metrics = self.loss_from_embeddings(zimg_BxE, ztxt_BxE, *model.temperature())
         return contrastive + caption, {**metrics, **caption_metrics}
 
-    @staticmethod
-    def embed_pair(model: Coca, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        """L2-normalised (image, text) embeddings of a batch: what micro-batching caches (no decoder pass)."""
-        return model.embed_image(batch["image"]), model.embed_text(batch["text"])
-
-    @staticmethod
-    def temperature(model: Coca) -> tuple[jax.Array, jax.Array | None]:
-        return model.temperature()
+    # The contrastive predictions and what micro-batching caches (no decoder pass): the two-tower model's.
+    embed_pair = staticmethod(ContrastiveTask.embed_pair)
+    temperature = staticmethod(ContrastiveTask.temperature)
+    embed_image = staticmethod(ContrastiveTask.embed_image)
+    embed_text = staticmethod(ContrastiveTask.embed_text)
 
     def loss_from_embeddings(self, zimg_BxE: jax.Array, ztxt_BxE: jax.Array, log_scale: jax.Array,
                              bias: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -110,14 +106,4 @@ class CocaTask(CaptionPredictions):
 
     def local_loss_weight(self, micro_batch: dict[str, jax.Array]) -> jax.Array:
         """A micro-batch's share of the caption loss: its rows (per-example mean) or its supervised tokens."""
-        if self.config.model.caption.loss_reduction == "token":
-            return jnp.sum(micro_batch["text"] != PAD_ID)
-        return jnp.asarray(micro_batch["text"].shape[0])
-
-    @staticmethod
-    def embed_image(model: Coca, image: jax.Array) -> jax.Array:
-        return model.embed_image(image)
-
-    @staticmethod
-    def embed_text(model: Coca, tokens: jax.Array) -> jax.Array:
-        return model.embed_text(tokens)
+        return caption_loss_weight(micro_batch["text"], self.config.model.caption.loss_reduction)
