@@ -5,8 +5,9 @@
     python -m data_pipelines.make_shards csv --csv FILE --out DIR [--csv-img-key filepath]
         [--csv-caption-key caption] [--csv-separator SEP]
 
-`synthetic` writes DIR/train/*.tar, DIR/eval/*.tar (a held-out split: new images of the same classes),
-DIR/classnames.json and DIR/templates.json for zero-shot evaluation, and a sizes.json per split.
+`synthetic` writes DIR/train/*.tar, DIR/eval/*.tar (a held-out split: new images of the same classes; each
+sample's .json has label, classname "<colour> <shape>", colour and shape), DIR/classnames.json and
+DIR/templates.json for zero-shot evaluation, and a sizes.json per split.
 `folder` (images with captions in .txt files beside them) and `csv` (image paths and captions) write
 DIR/{00000..}.tar and DIR/sizes.json, plus DIR/classnames.json with --labels-from-dirs; both take
 [--samples-per-shard 1000] [--shuffle-seed S] [--resize-max N] [--overwrite]. Samples whose files cannot be
@@ -92,7 +93,9 @@ def write_synthetic_shard(job: tuple) -> tuple[str, int]:
     for index in range(first, first + count):
         label = index % num_classes if split == "eval" else int(rng.integers(num_classes))
         image, caption = synthetic.make_example(rng, label, image_size)
-        meta = {"label": label, "classname": synthetic.class_names()[label]}
+        classname = synthetic.class_names()[label]
+        colour, shape = classname.split(" ")
+        meta = {"label": label, "classname": classname, "colour": colour, "shape": shape}
         samples.append(ShardSample(f"{index:09d}", encode_jpeg(image, quality), "jpg", caption, meta))
     name = f"{shard_index:05d}.tar"
     return name, write_shard(os.path.join(out_dir, name), samples)

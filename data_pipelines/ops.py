@@ -343,6 +343,28 @@ def caption_targets(max_len: int, key: str = "caption", lower: bool = True, *, t
     return op
 
 
+class PrefixLmText:
+    """The two parts of a prefix-LM text, as ids: [BOS] prefix-ids sep-ids (bidirectional) and suffix-ids EOS
+    (supervised). An empty prefix has no separator: [BOS] | suffix-ids EOS. `owner` names the setting in the
+    error for a separator that encodes to no ids."""
+
+    def __init__(self, tokenizer: str, sep: str, lower: bool = True, owner: str = "prefix_lm"):
+        from data_pipelines.tokenizer import Tokenizer  # sentencepiece loads once per op, in each worker
+        self.model, self.lower = Tokenizer(tokenizer), lower
+        self.bos, self.sep_ids = self.model.require_bos(), self.model.ids(sep, lower=False)
+        if not self.sep_ids:
+            raise DataError(f"{owner} separator {sep!r} encodes to no ids with tokenizer {tokenizer}; "
+                            "pass another sep, e.g. sep=';'")
+
+    def prefix(self, text: str) -> tuple[list[int], list[int]]:
+        """(BOS + the prefix's ids, the separator's ids or [] for an empty prefix)."""
+        ids = self.model.ids(text, self.lower)
+        return [self.bos] + ids, self.sep_ids if ids else []
+
+    def suffix(self, text: str) -> list[int]:
+        return self.model.ids(text, self.lower) + [self.model.eos_id]
+
+
 @register("prefix_lm")
 def prefix_lm(max_len: int, prompt: str | None = None, prefix_key: str = "prefix", suffix_key: str = "caption",
               sep: str = "\n", lower: bool = True, *, tokenizer: str) -> Op:
@@ -357,20 +379,15 @@ def prefix_lm(max_len: int, prompt: str | None = None, prefix_key: str = "prefix
 
     The prefix is `prompt` for every sample (e.g. "caption en") or, when prompt is None, sample[prefix_key];
     the suffix is sample[suffix_key]. `sep` must encode to at least one id (sentencepiece models trained by
-    data_pipelines.tokenizer drop "\n": pass e.g. sep=";").
+    data_pipelines.tokenizer drop "\n": pass e.g. sep=";"). An empty prefix gets no separator (PrefixLmText).
     """
-    from data_pipelines.tokenizer import Tokenizer
-    model = Tokenizer(tokenizer)
-    bos, sep_ids = model.require_bos(), model.ids(sep, lower=False)
-    if not sep_ids:
-        raise DataError(f"prefix_lm separator {sep!r} encodes to no ids with tokenizer {tokenizer}; "
-                        "pass another sep, e.g. sep=';'")
+    parts = PrefixLmText(tokenizer, sep, lower)
     def op(sample, rng):
-        prefix = prompt if prompt is not None else _text(sample, prefix_key)
-        prefix_ids = [bos] + model.ids(prefix, lower) + sep_ids
-        suffix_ids = model.ids(_text(sample, suffix_key), lower) + [model.eos_id]
+        head, sep_ids = parts.prefix(prompt if prompt is not None else _text(sample, prefix_key))
+        prefix_ids = head + sep_ids
+        suffix_ids = parts.suffix(_text(sample, suffix_key))
         length = min(len(prefix_ids) + len(suffix_ids), max_len)
-        text = np.full(max_len, model.pad_id, np.int32)
+        text = np.full(max_len, parts.model.pad_id, np.int32)
         text[:length] = (prefix_ids + suffix_ids)[:length]
         mask_ar = np.ones(max_len, np.int32)
         mask_ar[:len(prefix_ids)] = 0

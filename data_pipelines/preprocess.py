@@ -1,11 +1,13 @@
 """Preprocessing that skips and counts bad samples, and the skip accounting that stops a run losing data.
 
 Sources emit raw samples and skip records ({"__skipped__": {reason: n}}); `PreprocessIterDataset` runs the
-ops on each sample, turns skip records, SampleErrors and the flags ops set on used samples (SAMPLE_FLAGS, e.g.
-truncated_captions) into counts, and attaches to every example a "skipped" vector (COUNTERS order) holding the
-counts since the previous example. `SkipAccountingIterDataset` sums those vectors over batches in the main
-process, reports them by name in skip_counts(), and raises DataError when the skipped fraction (skip reasons
-only; flags are not skips) passes the limit. Both keep their counters in the iterator state.
+ops on each sample, turns skip records, SampleErrors, samples a data.filters rule drops (SampleFiltered) and the
+flags ops set on used samples (SAMPLE_FLAGS, e.g. truncated_captions) into counts, and attaches to every example
+a "skipped" vector (COUNTERS order) holding the counts since the previous example, the example itself included
+("examples": 1). Stages that merge examples (packed rows) sum their vectors. `SkipAccountingIterDataset` sums
+those vectors over batches in the main process, reports them by name in skip_counts(), and raises DataError when
+the skipped fraction (skip reasons only; flags and filtered samples are not skips) passes the limit. Both keep
+their counters in the iterator state.
 """
 
 from __future__ import annotations
@@ -17,13 +19,20 @@ from typing import Callable
 import grain
 import numpy as np
 
-from data_pipelines.samples import FLAGS_KEY, SAMPLE_FLAGS, SHARD_REASONS, SKIP_REASONS, DataError, SampleError
+from data_pipelines.samples import (FILTER_RULES, FLAGS_KEY, SAMPLE_FLAGS, SHARD_REASONS, SKIP_REASONS, DataError,
+                                    SampleError, SampleFiltered)
 from data_pipelines.webdataset import SHARD_START, log_skip
 
-COUNTERS = ("shards",) + SKIP_REASONS + SAMPLE_FLAGS  # new counters go last: older states are a prefix
+# The order is part of saved iterator states: new counters go last, so an older state's totals are a prefix.
+COUNTERS = ("shards", "corrupt_image", "no_image", "no_caption", "duplicate_key", "truncated_tar", "unreadable_shard",
+            "stalled_shard", "truncated_captions", "missing_field", *(f"filtered/{rule}" for rule in FILTER_RULES),
+            "examples")
+assert set(COUNTERS) == {"shards", "examples", *SKIP_REASONS, *SAMPLE_FLAGS, *(f"filtered/{r}" for r in FILTER_RULES)}
 SKIPPED_KEY = "skipped"
 _INDEX = {name: i for i, name in enumerate(COUNTERS)}
-_SKIPS = slice(1, 1 + len(SKIP_REASONS))  # the counters that are skips
+_SKIPS = np.array([name in SKIP_REASONS for name in COUNTERS])  # the counters that are skips
+_FILTERED = np.array([name.startswith("filtered/") for name in COUNTERS])
+_EXAMPLES = _INDEX["examples"]
 
 
 def sample_fingerprint(record: dict) -> int:
@@ -60,14 +69,18 @@ class _PreprocessIterator(grain.DatasetIterator):
                     log_skip(e.reason, record.get("__source__", ""), record.get("__key__", ""), e)
                     pending[_INDEX[e.reason]] += 1
                     failures, last = failures + 1, f"{e} ({key})"
+                except SampleFiltered as e:  # counted as failures too: filters that drop everything must not spin
+                    pending[_INDEX[f"filtered/{e.rule}"]] += 1
+                    failures, last = failures + 1, f"{e} ({key})"
                 else:
                     for name in example.pop(FLAGS_KEY, ()):
                         pending[_INDEX[name]] += 1
+                    pending[_EXAMPLES] = 1
                     example[SKIPPED_KEY] = pending
                     return example
             if failures >= self._max_failures:
-                raise DataError(f"{failures} consecutive samples or shards were unusable (last: {last}); "
-                                "check the shard paths and the data")
+                raise DataError(f"{failures} consecutive samples or shards were unusable or filtered (last: {last}); "
+                                "check the shard paths, the data and data.filters")
 
     def get_state(self) -> dict:
         return {"parent": self._parent.get_state(), "index": self._index}
@@ -90,10 +103,11 @@ class PreprocessIterDataset(grain.IterDataset):
 
 
 def lost_fraction(totals: np.ndarray, samples: int) -> float:
-    """Estimated fraction of the data skipped: a shard that could not be read counts as an average shard."""
+    """Estimated fraction of the data skipped: a shard that could not be read counts as an average shard.
+    Filtered samples are read but not lost."""
     shard_failures = sum(int(totals[_INDEX[r]]) for r in SHARD_REASONS if r != "truncated_tar")
     sample_skips = int(totals[_SKIPS].sum()) - shard_failures
-    read = samples + sample_skips
+    read = samples + sample_skips + int(totals[_FILTERED].sum())
     per_shard = read / max(1, int(totals[0]) - shard_failures)
     lost = sample_skips + shard_failures * per_shard
     return lost / max(1.0, read + shard_failures * per_shard)
@@ -109,8 +123,9 @@ class _SkipAccountingIterator(grain.DatasetIterator):
     def __next__(self) -> dict:
         batch = next(self._parent)
         skipped = batch.pop(SKIPPED_KEY)
-        self._totals += skipped.reshape(-1, len(COUNTERS)).sum(0)
-        self._samples += len(skipped)
+        counts = skipped.reshape(-1, len(COUNTERS)).sum(0)
+        self._totals += counts
+        self._samples += int(counts[_EXAMPLES])
         fraction = lost_fraction(self._totals, self._samples)
         if fraction > self._limit and self._samples + self._totals[_SKIPS].sum() >= self._min_samples:
             counts = self.skip_counts()
@@ -121,9 +136,9 @@ class _SkipAccountingIterator(grain.DatasetIterator):
         return batch
 
     def skip_counts(self) -> dict[str, int]:
-        """Totals so far: skip reason -> count, 'shards' read, and each of SAMPLE_FLAGS (e.g.
-        'truncated_captions': samples used with their caption truncated, not counted as skipped)."""
-        return {name: int(count) for name, count in zip(COUNTERS, self._totals)}
+        """Totals so far: skip reason -> count, 'shards' read, each of SAMPLE_FLAGS (e.g. 'truncated_captions':
+        samples used with their caption truncated, not counted as skipped) and 'filtered/<rule>' per FILTER_RULES."""
+        return {name: int(count) for name, count in zip(COUNTERS, self._totals) if name != "examples"}
 
     def get_state(self) -> dict:
         return {"parent": self._parent.get_state(), "totals": self._totals.tolist(), "samples": self._samples}

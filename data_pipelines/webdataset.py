@@ -93,6 +93,7 @@ class FieldMap:
     caption_extension: str = "txt"
     require_caption: bool = True                         # False: image-only samples are kept too
     json_fields: tuple[str, ...] = ()                    # keys of {key}.json copied into the sample
+    require_image: bool = True                           # False: text-only samples (no image member) are kept
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -106,9 +107,10 @@ def to_raw_sample(members: dict[str, bytes], key: str, source: str, fields: Fiel
     """Raw sample from one key's members; raises SampleError(no_image | no_caption)."""
     sample: dict[str, Any] = {"__key__": key, "__source__": source}
     image = next((members[ext] for ext in fields.image_extensions if ext in members), None)
-    if image is None:
+    if image is not None:
+        sample["image"] = image
+    elif fields.require_image:
         raise SampleError("no_image", f"members {sorted(members)}")
-    sample["image"] = image
     caption = members.get(fields.caption_extension, b"").decode("utf-8", "replace").strip()
     if caption:
         sample["caption"] = caption

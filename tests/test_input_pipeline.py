@@ -18,7 +18,8 @@ from PIL import Image
 from data_pipelines.eval_split import load_eval_split, tokenize_class_prompts
 from data_pipelines.input_pipeline import (TrainInput, default_pp_train, local_shards, make_train_dataset,
                                            mixed_samples, resolve_num_workers, shard_samples)
-from data_pipelines.samples import DataError
+from data_pipelines.preprocess import COUNTERS
+from data_pipelines.samples import FILTER_RULES, DataError
 from data_pipelines import tokenizer as tokenizer_cli
 from data_pipelines.tokenizer import Tokenizer
 from data_pipelines.webdataset import expand_shards, read_shard
@@ -157,7 +158,8 @@ def test_bad_samples_are_counted_and_the_limit_stops_the_run(synthetic_shards, t
     assert len(batches) == 20  # all 80 good samples, nothing else
     counts = iterator.skip_counts()
     assert counts == {"shards": 4, "corrupt_image": 2, "no_image": 1, "no_caption": 1, "duplicate_key": 0,
-                      "truncated_tar": 0, "unreadable_shard": 0, "stalled_shard": 0, "truncated_captions": 0}
+                      "truncated_tar": 0, "unreadable_shard": 0, "stalled_shard": 0, "truncated_captions": 0,
+                      "missing_field": 0, **{f"filtered/{rule}": 0 for rule in FILTER_RULES}}
     (tmp_path / "garbage.tar").write_bytes(os.urandom(4096))  # unreadable: counts as a whole average shard
     with pytest.raises(DataError, match=r"of the input was skipped, more than the limit 1.0% .*: unreadable_shard 1 "):
         list(make_train_dataset(options(synthetic_shards, sources={"train": spec}, global_batch_size=4,
@@ -199,7 +201,7 @@ def test_truncated_captions_are_counted_not_skipped_and_survive_a_restore(synthe
     assert restored.skip_counts()["truncated_captions"] == counted
     assert len(list(restored)) == 5 and restored.skip_counts() == counts
     older = iter(make_train_dataset(opts))  # a state saved before the counter existed: it starts at 0
-    older.set_state({**state, "totals": state["totals"][:-1]})
+    older.set_state({**state, "totals": state["totals"][:COUNTERS.index("truncated_captions")]})
     assert older.skip_counts() == {**first.skip_counts(), "truncated_captions": 0}
 
 

@@ -10,6 +10,9 @@
     python -m vlm_jax.bench vmem [--lengths=16384,32768]      (TPU flash kernels' VMEM, from the TPU compiler)
     python -m vlm_jax.bench decode --config=configs/demo/cappa_tiny.py [--tokens=32 --batch=32]
         (caption decoding with the KV cache vs recomputing the prefix at every token)
+    python -m vlm_jax.bench packing [--data=demo_out/data --image-tokens=16 --text-len=32 --pack-images=4]
+        (real tokens per row and per step of VLM rows, packed vs one example per row: the demo data and a
+        long-tailed caption-length distribution with 256 image tokens)
 
 With --peer, the peer (its train step, or its webdataset loader on the same shards) is timed right after ours
 in the same run (in its own Python environment, see `make peer-env`) and the ratio is reported.
@@ -141,7 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     decode.add_argument("--tokens", type=int, default=32)
     decode.add_argument("--batch", type=int, default=32)
     decode.add_argument("--repeats", type=int, default=3)
+    packing = commands.add_parser("packing", help="VLM rows: real tokens per row and step, packed vs unpacked")
+    packing.add_argument("--data", default="demo_out/data", help="make_shards synthetic output with spm.model")
+    packing.add_argument("--image-tokens", type=int, default=16)
+    packing.add_argument("--text-len", type=int, default=32)
+    packing.add_argument("--pack-images", type=int, default=4)
+    packing.add_argument("--rows", type=int, default=32, help="rows per step")
+    packing.add_argument("--examples", type=int, default=1024, help="demo examples measured")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "packing":
+        from vlm_jax.bench_packing import bench_packing  # the input pipeline's packages only here
+        print(json.dumps(bench_packing(args.data, args.image_tokens, args.text_len, args.pack_images, args.rows,
+                                       args.examples)), flush=True)
+        return 0
     if args.command == "vmem":
         print(json.dumps(bench_vmem([int(n) for n in args.lengths.split(",")])), flush=True)
         return 0

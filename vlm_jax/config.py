@@ -160,7 +160,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     # Training data: webdataset shards (brace range, glob, comma list, .txt list of URLs; local, gs://, s3://,
-    # http(s)://), or a weighted mixture {name: {"shards": spec, "weight": w}} instead.
+    # http(s)://), or a weighted mixture {name: {"shards": spec, "weight": w}} instead. With data.vlm a source may
+    # add "text_only": True (its samples become text-only examples: no image, default task [BOS][text][EOS]) and
+    # "tasks": {...} (its own task mixture, as data.vlm.tasks).
     c.data.train_shards = placeholder(str)
     c.data.mixture = placeholder(dict)
     c.data.tokenizer = placeholder(str)
@@ -185,6 +187,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.read_retries = 3
     c.data.read_backoff_s = 1.0
     c.data.eval_batch_size = 256
+    # Rules on the .json metadata img2dataset writes, for every task, e.g. {"similarity": {"min": 0.28},
+    # "pwatermark": {"max": 0.8}, "punsafe": {"max": 0.5}, "image_size": {"min": 64} (shorter side of
+    # original_width/original_height, else width/height), "caption_length": {"min": 1, "max": 200} (in words)}.
+    # Bounds inclusive; a dropped sample counts as data/filtered/<rule>, not as a skip; a sample without the
+    # metadata is skipped as missing_field. See data_pipelines/filters.py.
+    c.data.filters = placeholder(dict)
+    # Decoder-only VLM rows (task "vlm"; None for other tasks), a dict or ConfigDict; validation fills in the
+    # defaults (data_pipelines/vlm_examples.py, packing.py for the row format):
+    #   image_tokens  tokens per image (set by the recipe; the model checks it)
+    #   text_len      text ids per example, BOS to EOS (longer text is cut, EOS kept: truncated_captions)
+    #   tasks         {name: {"weight": w, "prefix": template, "suffix": template}}: each sample draws one by
+    #                 weight; templates name fields in braces ({caption}: the .txt caption, other names: .json
+    #                 fields; a constant prompt has none); a sample lacking a field is skipped (missing_field)
+    #   separator     ";" (between prefix and suffix; the demo sentencepiece models drop "\n")
+    #   lower         True: lower-case the text (as the tokenizers trained here expect)
+    #   pack          False: one example per row of image_tokens + text_len positions; True: packed rows
+    #   pack_images   4: images per packed row
+    #   pack_length   positions per packed row (default pack_images * image_tokens + text_len)
+    # data.pp_train is then the image preprocessing only (default: decode and square resize, uint8).
+    c.data.vlm = ml_collections.FieldReference(None, field_type=object)
     c.lock()
     return c
 
@@ -297,10 +319,14 @@ def validate_data(data: ml_collections.ConfigDict) -> None:
     if (data.train_shards is None) == (data.mixture is None):
         raise ConfigError("set exactly one of config keys 'data.train_shards' and 'data.mixture'")
     for name, source in (data.mixture or {}).items():
-        if not isinstance(source, dict) or set(source) != {"shards", "weight"}:
-            raise ConfigError(f"data.mixture[{name!r}] must be {{'shards': spec, 'weight': number}}")
+        if not isinstance(source, dict) or not {"shards", "weight"} <= set(source) <= MIXTURE_SOURCE_KEYS:
+            raise ConfigError(f"data.mixture[{name!r}] must be {{'shards': spec, 'weight': number}} (with data.vlm "
+                              "also 'text_only' and 'tasks')")
         if not isinstance(source["weight"], (int, float)) or source["weight"] <= 0:
             raise ConfigError(f"data.mixture[{name!r}] weight must be a positive number")
+        if data.vlm is None and set(source) - {"shards", "weight"}:
+            raise ConfigError(f"data.mixture[{name!r}]: 'text_only' and 'tasks' need data.vlm")
+    validate_filters_and_vlm(data)
     workers = data.num_workers
     if workers != "auto" and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
         raise ConfigError(f"config key 'data.num_workers' must be 'auto' or an integer >= 0, got {workers!r}")
@@ -308,6 +334,22 @@ def validate_data(data: ml_collections.ConfigDict) -> None:
         raise ConfigError("config key 'data.max_skip_fraction' must be in [0, 1)")
     if data.num_epochs is not None and data.num_epochs <= 0:
         raise ConfigError("config key 'data.num_epochs' must be positive (or None: repeat forever)")
+
+
+MIXTURE_SOURCE_KEYS = {"shards", "weight", "text_only", "tasks"}
+
+
+def validate_filters_and_vlm(data: ml_collections.ConfigDict) -> None:
+    """Checks data.filters and data.vlm (one-line ConfigError) and fills data.vlm's defaults, as a ConfigDict."""
+    from data_pipelines import filters, vlm_examples
+    from data_pipelines.samples import DataError
+    try:
+        filters.check_filters(data.filters)
+        if data.vlm is not None:
+            vlm_examples.vlm_options(data.vlm, data.mixture)
+            data.vlm = ml_collections.ConfigDict(vlm_examples.vlm_settings(data.vlm))
+    except DataError as e:
+        raise ConfigError(str(e)) from None
 
 
 def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:

@@ -58,10 +58,10 @@ NOT_SKIPS = ("shards", "truncated_captions")  # counters of data that was used
 
 
 def data_counters(data_iterator) -> dict[str, float]:
-    """data/shards (shards opened), data/truncated_captions and data/skipped/<reason> totals of this process's
-    input."""
-    return {(f"data/{name}" if name in NOT_SKIPS else f"data/skipped/{name}"): float(count)
-            for name, count in data_iterator.skip_counts().items()}
+    """data/shards (shards opened), data/truncated_captions, data/filtered/<rule> (data.filters) and
+    data/skipped/<reason> totals of this process's input."""
+    return {(f"data/{name}" if name in NOT_SKIPS or name.startswith("filtered/") else f"data/skipped/{name}"):
+            float(count) for name, count in data_iterator.skip_counts().items()}
 
 
 def check_tokenizer_fits(config: ml_collections.ConfigDict, task) -> None:
