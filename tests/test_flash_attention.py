@@ -19,7 +19,7 @@ from vlm_jax.kernels.flash_masks import build_block_mask
 from vlm_jax.kernels.masks import MaskSpec
 from vlm_jax.kernels.splash import splash_attention
 
-from attention_cases import KINDS, LENGTHS, masks, random_inputs, reference, values_and_grads
+from attention_cases import KINDS, LENGTHS, feature_masks, masks, random_inputs, reference, values_and_grads
 
 F32_TOLERANCE, BF16_RELATIVE = 1e-5, 2e-2
 # The resident-rows kernel where this backend runs it: interpret mode on CPU, Triton on GPU.
@@ -27,12 +27,12 @@ flash = functools.partial(flash_attention, platform=PALLAS_PLATFORM[jax.default_
 tpu_flash = functools.partial(flash_attention, platform="tpu")
 
 
-def compare(attention, mask, q, k, v, cotangent, dtype):
+def compare(attention, mask, q, k, v, cotangent, dtype, softcap=None):
     """Values and dq/dk/dv of `attention(q, k, v, mask)` against the float32 reference on the same (rounded)
     inputs."""
     visible = jnp.broadcast_to(mask.dense(q.shape[1], k.shape[1]), (q.shape[0], q.shape[1], k.shape[1]))
     got = values_and_grads(attention, q, k, v, cotangent, mask)
-    want = values_and_grads(reference, q, k, v, cotangent, visible)
+    want = values_and_grads(functools.partial(reference, softcap=softcap), q, k, v, cotangent, visible)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         if dtype == jnp.float32:
             np.testing.assert_allclose(a, b, atol=F32_TOLERANCE, rtol=F32_TOLERANCE, err_msg=name)
@@ -65,11 +65,15 @@ def test_pallas_cross_attention_and_head_groupings(length_q, length_k, kv_heads,
     compare(flash, mask, q, k, v, cotangent, jnp.float32)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + ["packed_prefix", "window_causal", "window_prefix", "packed_window",
+                                          "narrow_window"])
 def test_block_ranges_are_exactly_the_non_empty_blocks(kind):
-    """The loop ranges visit every block holding a visible key and no other (contiguous masks)."""
+    """The loop ranges visit every block holding a visible key and no other (contiguous masks), also with
+    packed prefix-LM examples and sliding windows (a third of the sequence, or narrower than a block)."""
     batch, length, block = 2, 1025, 128
-    mask, padded = masks(batch, length)[kind], 1152
+    cases = {**masks(batch, length), **feature_masks(batch, length),
+             "narrow_window": feature_masks(batch, length, window=50)["packed_window"]}
+    mask, padded = cases[kind], 1152
     blocks = build_block_mask(mask, batch, length, length, padded, padded, block, block)
     visible = jnp.pad(jnp.broadcast_to(mask.dense(length, length), (batch, length, length)),
                       ((0, 0), (0, padded - length), (0, padded - length)))
@@ -122,29 +126,34 @@ def test_streamed_tpu_kernel_over_many_blocks(length, kind, kv_heads, dtype):
         compare(tpu_flash, masks(2, length)[kind], q, k, v, cotangent, dtype)
 
 
-@pytest.mark.parametrize("kind,kv_heads", [("full", 4), ("causal", 2), ("segments", 1)])
-def test_splash_in_interpret_mode(kind, kv_heads):
+@pytest.mark.parametrize("kind,kv_heads,softcap", [("full", 4, None), ("causal", 2, 2.0), ("segments", 1, None)])
+def test_splash_in_interpret_mode(kind, kv_heads, softcap):
     q, k, v, cotangent = random_inputs(13, 2, 197, 197, heads=4, kv_heads=kv_heads, dim=16)
     mask = masks(2, 197)[kind]
-    compare(functools.partial(splash_attention, interpret=True), mask, q, k, v, cotangent, jnp.float32)
+    splash = functools.partial(splash_attention, softcap=softcap, interpret=True)
+    compare(splash, mask, q, k, v, cotangent, jnp.float32, softcap)
     with pytest.raises(ValueError, match="no per-example prefix-LM"):
         splash_attention(q, k, v, masks(2, 197)["prefix"], interpret=True)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_kernels_lower_for_gpu(dtype):
-    """Forward, dq and dk/dv kernels lower to Triton (CUDA) from this CPU-only machine (compiling needs a GPU)."""
+    """Forward, dq and dk/dv kernels lower to Triton (CUDA) from this CPU-only machine (compiling needs a GPU),
+    with every mask feature (per-example and per-query prefixes, segment ids, a traced window) and a soft-cap."""
     q = jax.ShapeDtypeStruct((2, 197, 4, 64), dtype)
     kv = jax.ShapeDtypeStruct((2, 197, 2, 64), dtype)
     ids = jax.ShapeDtypeStruct((2, 197), jnp.int32)
     prefix = jax.ShapeDtypeStruct((2,), jnp.int32)
+    window = jax.ShapeDtypeStruct((), jnp.int32)
 
-    def grads(q, k, v, ids, prefix):
-        mask = MaskSpec(causal=True, prefix_len_B=prefix, q_segment_ids_BxT=ids, kv_segment_ids_BxS=ids)
-        loss = lambda q, k, v: jnp.sum(flash_attention(q, k, v, mask, platform="gpu").astype(jnp.float32))
+    def grads(q, k, v, ids, prefix, window):
+        mask = MaskSpec(causal=True, prefix_len_B=prefix, q_segment_ids_BxT=ids, kv_segment_ids_BxS=ids,
+                        q_prefix_end_BxT=ids, window=window)
+        attention = functools.partial(flash_attention, platform="gpu", softcap=50.0)
+        loss = lambda q, k, v: jnp.sum(attention(q, k, v, mask).astype(jnp.float32))
         return jax.grad(loss, (0, 1, 2))(q, k, v)
 
-    lowered = jax.jit(grads).trace(q, kv, kv, ids, prefix).lower(lowering_platforms=("cuda",))
+    lowered = jax.jit(grads).trace(q, kv, kv, ids, prefix, window).lower(lowering_platforms=("cuda",))
     calls = [line for line in lowered.as_text().splitlines() if "custom_call" in line and "triton" in line]
     assert len(calls) == 3, calls  # forward, dq, dk/dv
 

@@ -12,7 +12,7 @@ from vlm_jax.kernels.blockwise import blockwise_attention
 from vlm_jax.kernels.flash_attention import flash_attention
 from vlm_jax.kernels.splash import splash_attention
 
-from attention_cases import KINDS, masks
+from attention_cases import KINDS, feature_masks, masks
 from tpu_targets import GENERATIONS, mosaic_kernels, on_one_chip
 
 BATCH, HEADS, DIM = 2, 8, 64
@@ -20,10 +20,12 @@ HEAD_LAYOUTS = {"mha": 8, "gqa": 2}  # key/value heads for 8 query heads
 
 
 def inputs(length: int, kv_heads: int, dtype, kind: str):
+    """Abstract q, k, v and mask; `kind` is one of KINDS or of attention_cases.feature_masks (whose window is
+    then a traced 0-d array)."""
     q = jax.ShapeDtypeStruct((BATCH, length, HEADS, DIM), dtype)
     kv = jax.ShapeDtypeStruct((BATCH, length, kv_heads, DIM), dtype)
-    mask = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), masks(BATCH, length)[kind])
-    return q, kv, kv, mask
+    mask = {**masks(BATCH, length), **feature_masks(BATCH, length)}[kind]
+    return q, kv, kv, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), mask)
 
 
 def forward_and_backward(attention):
@@ -74,6 +76,17 @@ def test_splash_and_blockwise_compile(generation):
     assert mosaic_kernels(compiled) >= len(cases)
     compiled = compile_on(generation, blockwise, *inputs(1025, 2, jnp.bfloat16, "prefix"))
     assert mosaic_kernels(compiled) == 0
+
+
+def test_gemma_features_compile_in_bfloat16():
+    """Forward, dq and dk/dv of the Pallas kernel with packed prefix-LM examples (segment ids and per-query
+    prefix ends), a traced sliding window and a logit soft-cap, with grouped-query heads in bfloat16; and splash
+    with a soft-cap. One generation: the features add no new kind of Mosaic operation per generation."""
+    flash = forward_and_backward(lambda q, k, v, mask: flash_attention(q, k, v, mask, platform="tpu", softcap=50.0))
+    splash = forward_and_backward(lambda q, k, v, mask: splash_attention(q, k, v, mask, softcap=50.0))
+    compiled = compile_on("v5e", lambda gemma, causal: (flash(*gemma), splash(*causal)),
+                          inputs(1025, 2, jnp.bfloat16, "packed_window"), inputs(1025, 2, jnp.bfloat16, "causal"))
+    assert mosaic_kernels(compiled) == 3 + 3  # ours: forward, dq, dk/dv; splash: forward, dq, dk/dv
 
 
 # (keys, mask kind, dtype, dense mask): every mask kind and dtype just past the short-sequence limit and at 8k

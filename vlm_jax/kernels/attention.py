@@ -6,8 +6,9 @@ on GPU, interpret mode on CPU), "splash" (jax's TPU kernel; splash.py), "cudnn" 
 with cuDNN) and "auto", which picks one from the backend, the lengths, the dtype and the mask when the layer is
 traced. The backend is that of the devices the program is compiled for (the mesh's, passed in by
 `parallel/sharded_attention.py`), so an ahead-of-time compile for TPU from a CPU host embeds the Mosaic
-kernel. Masks are structured (`MaskSpec`: causal, prefix-LM, segment ids) so every implementation can evaluate
-them per block; "xla" also takes a dense boolean mask.
+kernel. Masks are structured (`MaskSpec`: causal, prefix-LM, packed prefix-LM, segment ids, sliding window) so
+every implementation can evaluate them per block; "xla" also takes a dense boolean mask. An optional logit
+soft-cap (Gemma 2) is applied before masking; cuDNN refuses it, splash refuses prefix-LM masks and windows.
 
 Shape key: B batch, T query length, S key length, H query heads, K key/value heads (H = K x G), D head dim.
 """
@@ -45,19 +46,24 @@ def native_implementations(backend: str) -> tuple[str, ...]:
                  and not (impl == "pallas" and PALLAS_PLATFORM[backend] == "interpret"))
 
 
-def _cudnn_refusal(q: jax.Array, mask: MaskSpec | None) -> str | None:
+def _cudnn_refusal(q: jax.Array, mask: MaskSpec | None, softcap: float | None = None) -> str | None:
     """Why cuDNN cannot take this call, or None."""
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"cuDNN attention takes bfloat16 or float16, not {q.dtype}"
-    if mask is not None and (mask.prefix_len_B is not None or mask.q_segment_ids_BxT is not None):
-        return "cuDNN attention here takes full or causal masks only (no prefix-LM or segment ids)"
+    if mask is not None and any(x is not None for x in (
+            mask.prefix_len_B, mask.q_prefix_end_BxT, mask.q_segment_ids_BxT, mask.window)):
+        return ("cuDNN attention here takes full or causal masks only (no prefix-LM, segment ids or sliding "
+                "window)")
+    if softcap is not None:
+        return "cuDNN attention here has no logit soft-cap"
     return None
 
 
 def choose(impl: str, q: jax.Array, k: jax.Array, mask: MaskSpec | None, dense_mask: bool,
-           backend: str | None = None) -> str:
+           backend: str | None = None, softcap: float | None = None) -> str:
     """The implementation a layer runs: `impl` itself, or what "auto" picks for these shapes on `backend`
-    (default: jax's default backend). Every choice compiles for its backend (tests/test_tpu_compile.py)."""
+    (default: jax's default backend); "auto" never picks one that refuses the call. Every choice compiles for
+    its backend (tests/test_tpu_compile.py)."""
     backend = backend or jax.default_backend()
     check_backend(impl, backend)
     if impl != "auto":
@@ -67,7 +73,7 @@ def choose(impl: str, q: jax.Array, k: jax.Array, mask: MaskSpec | None, dense_m
     if backend == "tpu":  # keys and values stream through VMEM: every mask, any length
         return "pallas"
     if backend == "gpu":
-        return "pallas" if _cudnn_refusal(q, mask) else "cudnn"
+        return "pallas" if _cudnn_refusal(q, mask, softcap) else "cudnn"
     return "blockwise"
 
 
@@ -81,6 +87,10 @@ def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec | Non
         if mask.q_segment_ids_BxT.shape != q.shape[:2] or mask.kv_segment_ids_BxS.shape != k.shape[:2]:
             raise ValueError(f"segment ids {mask.q_segment_ids_BxT.shape} / {mask.kv_segment_ids_BxS.shape} do "
                              f"not match query {q.shape[:2]} / key {k.shape[:2]} lengths")
+    if mask is not None and mask.q_prefix_end_BxT is not None and mask.q_prefix_end_BxT.shape != q.shape[:2]:
+        raise ValueError(f"prefix ends {mask.q_prefix_end_BxT.shape} do not match the queries {q.shape[:2]}")
+    if mask is not None and mask.window is not None and jnp.ndim(mask.window):
+        raise ValueError(f"the attention window is a scalar, not an array of shape {jnp.shape(mask.window)}")
 
 
 def dot_product_attention(
@@ -92,34 +102,37 @@ def dot_product_attention(
     mask: MaskSpec | None = None,
     impl: str = "xla",
     backend: str | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
-    """Softmax attention with float32 logits; returns [B, T, H, D] in the dtype of `q`. `backend` is the
-    platform the program is compiled for (default: jax's default backend)."""
+    """Softmax attention with float32 logits, soft-capped to softcap * tanh(logits / softcap) when `softcap`
+    is set; returns [B, T, H, D] in the dtype of `q`. `backend` is the platform the program is compiled for
+    (default: jax's default backend)."""
     _check_shapes(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask)
     if mask is not None:
         check_prefix(mask, k_BxSxKxD.shape[1])
     backend = backend or jax.default_backend()
-    impl = choose(impl, q_BxTxHxD, k_BxSxKxD, mask, mask_BxTxS is not None, backend)
+    impl = choose(impl, q_BxTxHxD, k_BxSxKxD, mask, mask_BxTxS is not None, backend, softcap)
     if impl == "xla":
-        return _xla_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, mask)
+        return _xla_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, mask, softcap)
     if mask_BxTxS is not None:
         raise ValueError(f"attention_impl {impl!r} takes a structured MaskSpec, not a dense mask")
     mask = mask or MaskSpec()
     if impl == "blockwise":
-        return blockwise_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask)
+        return blockwise_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask, softcap=softcap)
     if impl == "pallas":
-        return flash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask, platform=PALLAS_PLATFORM[backend])
+        return flash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask, platform=PALLAS_PLATFORM[backend],
+                               softcap=softcap)
     if impl == "splash":
-        return splash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask)
-    refusal = _cudnn_refusal(q_BxTxHxD, mask)
+        return splash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask, softcap=softcap)
+    refusal = _cudnn_refusal(q_BxTxHxD, mask, softcap)
     if refusal:
         raise ValueError(refusal)
     return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, is_causal=mask.causal,
                                         implementation="cudnn")
 
 
-def _xla_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, mask):
-    """Plain attention: kv heads repeated, T x S float32 logits, softmax."""
+def _xla_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, mask, softcap):
+    """Plain attention: kv heads repeated, T x S float32 logits (soft-capped if asked), softmax."""
     groups = q_BxTxHxD.shape[2] // k_BxSxKxD.shape[2]
     k_BxSxHxD = jnp.repeat(k_BxSxKxD, groups, axis=2)
     v_BxSxHxD = jnp.repeat(v_BxSxKxD, groups, axis=2)
@@ -129,6 +142,8 @@ def _xla_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, mask):
     scale = q_BxTxHxD.shape[-1] ** -0.5
     logits_BxHxTxS = jnp.einsum(
         "bthd,bshd->bhts", q_BxTxHxD, k_BxSxHxD, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        logits_BxHxTxS = softcap * jnp.tanh(logits_BxHxTxS / softcap)
     if mask_BxTxS is not None:
         logits_BxHxTxS = jnp.where(mask_BxTxS[:, None], logits_BxHxTxS, jnp.finfo(jnp.float32).min)
     probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(v_BxSxHxD.dtype)

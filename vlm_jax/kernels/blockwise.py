@@ -19,9 +19,9 @@ _NEG = -1e30  # finite "minus infinity": fully masked rows stay NaN-free
 
 
 def blockwise_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask: MaskSpec,
-                        block_size: int = 512) -> jax.Array:
-    """Softmax attention, float32 statistics; returns [B, T, H, D] in q's dtype. Rows with no visible key
-    return zeros."""
+                        block_size: int = 512, softcap: float | None = None) -> jax.Array:
+    """Softmax attention, float32 statistics, logits soft-capped when `softcap` is set; returns [B, T, H, D]
+    in q's dtype. Rows with no visible key return zeros."""
     batch, length_q, heads, dim = q_BxTxHxD.shape
     length_k, kv_heads = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
     groups = heads // kv_heads
@@ -36,6 +36,8 @@ def blockwise_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: j
         max_BxKxGxT, sum_BxKxGxT, acc_BxKxGxTxD = carry
         index, k_BxNxKxD, v_BxNxKxD = inputs
         logits = jnp.einsum("btkgd,bnkd->bkgtn", q_BxTxKxGxD, k_BxNxKxD, preferred_element_type=jnp.float32)
+        if softcap is not None:
+            logits = softcap * jnp.tanh(logits / softcap)
         key_positions = index * block + jnp.arange(block)
         visible_BxTxN = mask.visible(jnp.arange(length_q), key_positions) & (key_positions < length_k)
         logits = jnp.where(visible_BxTxN[:, None, None], logits, _NEG)

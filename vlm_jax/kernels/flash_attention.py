@@ -28,8 +28,8 @@ PLATFORMS = ("interpret", "tpu", "gpu")
 _KERNELS = {"interpret": flash_resident, "gpu": flash_resident, "tpu": flash_tpu}
 
 
-def _tiling(q_shape, k_shape, has_segments: bool, platform: str, block: int, vmem_limit_bytes: int | None
-            ) -> Tiling:
+def _tiling(q_shape, k_shape, mask: MaskSpec, platform: str, block: int, softcap: float | None,
+            vmem_limit_bytes: int | None) -> Tiling:
     length_q, length_k = q_shape[2], k_shape[2]
     if platform == "tpu":  # lane-aligned blocks; a short sequence is one block
         if block % flash_tpu.LANES:
@@ -43,7 +43,7 @@ def _tiling(q_shape, k_shape, has_segments: bool, platform: str, block: int, vme
     if platform == "gpu":  # Triton blocks are powers of two, and one block spans the whole sequence
         padded_q, padded_k = pl.next_power_of_2(padded_q), pl.next_power_of_2(padded_k)
     return Tiling(block_q, block_k, padded_q, padded_k, q_shape[1] // k_shape[1], q_shape[3] ** -0.5,
-                  platform, has_segments, vmem_limit_bytes)
+                  platform, mask.q_segment_ids_BxT is not None, mask.window is not None, softcap, vmem_limit_bytes)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -67,18 +67,19 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def flash_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask: MaskSpec,
-                    *, platform: str = "interpret", block: int = 128, vmem_limit_bytes: int | None = None
-                    ) -> jax.Array:
+                    *, platform: str = "interpret", block: int = 128, softcap: float | None = None,
+                    vmem_limit_bytes: int | None = None) -> jax.Array:
     """Fused attention for any mask kind; returns [B, T, H, D] in q's dtype (differentiable in q, k, v).
 
     `platform` is where the kernel runs: "tpu" (Mosaic), "gpu" (Triton) or "interpret" (CPU, tests).
+    `softcap` soft-caps the scaled logits: softcap * tanh(logits / softcap) (Gemma 2).
     `vmem_limit_bytes` caps each TPU kernel's VMEM (the compiler refuses a kernel that needs more)."""
     if platform not in PLATFORMS:
         raise ValueError(f"unknown Pallas platform {platform!r}; choose from {PLATFORMS}")
     batch, length_q, _, dim = q_BxTxHxD.shape
     length_k = k_BxSxKxD.shape[1]
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q_BxTxHxD, k_BxSxKxD, v_BxSxKxD))
-    t = _tiling(q.shape, k.shape, mask.q_segment_ids_BxT is not None, platform, block, vmem_limit_bytes)
+    t = _tiling(q.shape, k.shape, mask, platform, block, softcap, vmem_limit_bytes)
     padded_dim = pl.next_power_of_2(max(dim, 16)) if platform == "gpu" else dim
     q = pad_to(q, {2: t.padded_q, 3: padded_dim})
     k, v = (pad_to(x, {2: t.padded_k, 3: padded_dim}) for x in (k, v))

@@ -28,21 +28,24 @@ def _key_block(k_ref, v_ref, j, t: Tiling):
     return k_ref[rows, :], v_ref[rows, :]
 
 
+def _read(ref):
+    return None if ref is None else ref[...]
+
+
 def _key_segments(kv_segment_ref, j):
     """The segment ids of key block `j` (one row per key block), or None without segments."""
     return None if kv_segment_ref is None else kv_segment_ref[pl.ds(j, 1), :]
 
 
 def _forward_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: Tiling):
-    q_segment_ref, kv_segment_ref, (out_ref, lse_ref) = split_mask_refs(refs, t.segments)
+    start_ref, q_segment_ref, kv_segment_ref, (out_ref, lse_ref) = split_mask_refs(refs, t)
     row = pl.program_id(0) * pl.num_programs(2) + pl.program_id(2)
-    q, limit = q_ref[...], limit_ref[...]
-    q_segments = None if q_segment_ref is None else q_segment_ref[...]
+    q, limit, start, q_segments = q_ref[...], limit_ref[...], _read(start_ref), _read(q_segment_ref)
 
     def visit(j, carry):
         k, v = _key_block(k_ref, v_ref, j, t)
-        mask = visible(limit, j, q_segments, _key_segments(kv_segment_ref, j), t.block_k)
-        return online_softmax_step(q, k, v, mask, *carry, t.scale)
+        mask = visible(limit, start, j, q_segments, _key_segments(kv_segment_ref, j), t.block_k)
+        return online_softmax_step(q, k, v, mask, *carry, t)
 
     shape = (t.block_q, 1)
     init = (jnp.full(shape, NEG, jnp.float32), jnp.zeros(shape, jnp.float32),
@@ -52,15 +55,15 @@ def _forward_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs,
 
 
 def _dq_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: Tiling):
-    q_segment_ref, kv_segment_ref, (d_out_ref, lse_ref, delta_ref, dq_ref) = split_mask_refs(refs, t.segments)
+    start_ref, q_segment_ref, kv_segment_ref, (d_out_ref, lse_ref, delta_ref, dq_ref) = split_mask_refs(refs, t)
     row = pl.program_id(0) * pl.num_programs(2) + pl.program_id(2)
     q, d_out, lse, delta, limit = q_ref[...], d_out_ref[...], lse_ref[...], delta_ref[...], limit_ref[...]
-    q_segments = None if q_segment_ref is None else q_segment_ref[...]
+    start, q_segments = _read(start_ref), _read(q_segment_ref)
 
     def visit(j, dq):
         k, v = _key_block(k_ref, v_ref, j, t)
-        mask = visible(limit, j, q_segments, _key_segments(kv_segment_ref, j), t.block_k)
-        _, d_logits = probs_and_dlogits(q, k, v, d_out, lse, delta, mask, t.scale)
+        mask = visible(limit, start, j, q_segments, _key_segments(kv_segment_ref, j), t.block_k)
+        _, d_logits = probs_and_dlogits(q, k, v, d_out, lse, delta, mask, t)
         return dq + dot(d_logits.astype(k.dtype), k, NN)
 
     dq = jax.lax.fori_loop(kv_lo_ref[row], kv_hi_ref[row], visit, jnp.zeros(dq_ref.shape, jnp.float32))
@@ -68,7 +71,7 @@ def _dq_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: T
 
 
 def _dkv_kernel(q_lo_ref, q_hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: Tiling):
-    q_segment_ref, kv_segment_ref, rest = split_mask_refs(refs, t.segments)
+    start_ref, q_segment_ref, kv_segment_ref, rest = split_mask_refs(refs, t)
     d_out_ref, lse_ref, delta_ref, dk_ref, dv_ref = rest
     row = pl.program_id(0) * pl.num_programs(2) + pl.program_id(2)
     k, v = k_ref[...], v_ref[...]
@@ -79,9 +82,10 @@ def _dkv_kernel(q_lo_ref, q_hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: Ti
         dk, dv = carry
         rows = pl.ds(pl.multiple_of(i * t.block_q, t.block_q), t.block_q)
         q, d_out = q_ref[rows, :], d_out_ref[rows, :]
+        start = None if start_ref is None else start_ref[rows, :]
         q_segments = None if q_segment_ref is None else q_segment_ref[rows, :]
-        mask = visible(limit_ref[rows, :], key_block, q_segments, kv_segments, t.block_k)
-        probs, d_logits = probs_and_dlogits(q, k, v, d_out, lse_ref[rows, :], delta_ref[rows, :], mask, t.scale)
+        mask = visible(limit_ref[rows, :], start, key_block, q_segments, kv_segments, t.block_k)
+        probs, d_logits = probs_and_dlogits(q, k, v, d_out, lse_ref[rows, :], delta_ref[rows, :], mask, t)
         dv = dv + dot(probs.astype(d_out.dtype), d_out, TN)
         dk = dk + dot(d_logits.astype(q.dtype), q, TN)
         return dk, dv
@@ -108,13 +112,16 @@ def _pallas(kernel, t: Tiling, grid, tables, inputs, in_specs, out_shapes, out_s
 
 
 def _mask_inputs(masks: BlockMask, t: Tiling, query_blocked: bool):
-    """Mask arrays and specs; `query_blocked` means the grid walks query blocks (forward, dq)."""
+    """Mask arrays and specs in the order `split_mask_refs` reads them; `query_blocked` means the grid walks
+    query blocks (forward, dq)."""
     if query_blocked:
         q_side = pl.BlockSpec((None, t.block_q, 1), lambda b, h, i, *_: (b, i, 0))
     else:
         q_side = pl.BlockSpec((None, t.padded_q, 1), lambda b, h, j, *_: (b, 0, 0))
     kv_side = pl.BlockSpec((None, t.blocks_k, t.block_k), lambda b, h, i, *_: (b, 0, 0))
     arrays, specs = [masks.key_limit_BxTx1], [q_side]
+    if t.windowed:
+        arrays, specs = arrays + [masks.key_start_BxTx1], specs + [q_side]
     if t.segments:
         arrays += [masks.q_segments_BxTx1, masks.kv_segments_BxNxC]
         specs += [q_side, kv_side]

@@ -40,8 +40,8 @@ def _read(ref):
 # ----------------------------------------------------------------------------------------------- kernels
 
 def _forward_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: Tiling):
-    q_segment_ref, kv_segment_ref, (out_ref, lse_ref, max_ref, sum_ref, acc_ref) = split_mask_refs(
-        refs, t.segments)
+    start_ref, q_segment_ref, kv_segment_ref, (out_ref, lse_ref, max_ref, sum_ref, acc_ref) = split_mask_refs(
+        refs, t)
     row, j = pl.program_id(0) * t.blocks_q + pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
@@ -52,9 +52,9 @@ def _forward_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: Ti
 
     @pl.when((j >= lo_ref[row]) & (j < hi_ref[row]))
     def _():
-        mask = visible(limit_ref[...], j, _read(q_segment_ref), _read(kv_segment_ref), t.block_k)
+        mask = visible(limit_ref[...], _read(start_ref), j, _read(q_segment_ref), _read(kv_segment_ref), t.block_k)
         max_ref[...], sum_ref[...], acc_ref[...] = online_softmax_step(
-            q_ref[...], k_ref[...], v_ref[...], mask, max_ref[...], sum_ref[...], acc_ref[...], t.scale)
+            q_ref[...], k_ref[...], v_ref[...], mask, max_ref[...], sum_ref[...], acc_ref[...], t)
 
     @pl.when(j == t.blocks_k - 1)
     def _():
@@ -62,7 +62,7 @@ def _forward_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: Ti
 
 
 def _dq_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: Tiling):
-    q_segment_ref, kv_segment_ref, rest = split_mask_refs(refs, t.segments)
+    start_ref, q_segment_ref, kv_segment_ref, rest = split_mask_refs(refs, t)
     d_out_ref, lse_ref, delta_ref, dq_ref, dq_acc_ref = rest
     row, j = pl.program_id(0) * t.blocks_q + pl.program_id(2), pl.program_id(3)
 
@@ -73,9 +73,9 @@ def _dq_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: Tiling)
     @pl.when((j >= lo_ref[row]) & (j < hi_ref[row]))
     def _():
         k = k_ref[...]
-        mask = visible(limit_ref[...], j, _read(q_segment_ref), _read(kv_segment_ref), t.block_k)
+        mask = visible(limit_ref[...], _read(start_ref), j, _read(q_segment_ref), _read(kv_segment_ref), t.block_k)
         _, d_logits = probs_and_dlogits(q_ref[...], k, v_ref[...], d_out_ref[...], lse_ref[...],
-                                        delta_ref[...], mask, t.scale)
+                                        delta_ref[...], mask, t)
         dq_acc_ref[...] += dot(d_logits.astype(k.dtype), k, NN)
 
     @pl.when(j == t.blocks_k - 1)
@@ -84,7 +84,7 @@ def _dq_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: Tiling)
 
 
 def _dkv_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: Tiling):
-    q_segment_ref, kv_segment_ref, rest = split_mask_refs(refs, t.segments)
+    start_ref, q_segment_ref, kv_segment_ref, rest = split_mask_refs(refs, t)
     d_out_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc_ref, dv_acc_ref = rest
     key_block, step = pl.program_id(2), pl.program_id(3)
     row, i = pl.program_id(0) * t.blocks_k + key_block, jax.lax.rem(step, t.blocks_q)
@@ -97,9 +97,10 @@ def _dkv_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, limit_ref, *refs, t: Tiling
     @pl.when((i >= lo_ref[row]) & (i < hi_ref[row]))
     def _():
         q, d_out = q_ref[...], d_out_ref[...]
-        mask = visible(limit_ref[...], key_block, _read(q_segment_ref), _read(kv_segment_ref), t.block_k)
+        mask = visible(limit_ref[...], _read(start_ref), key_block, _read(q_segment_ref), _read(kv_segment_ref),
+                       t.block_k)
         probs, d_logits = probs_and_dlogits(q, k_ref[...], v_ref[...], d_out, lse_ref[...], delta_ref[...],
-                                            mask, t.scale)
+                                            mask, t)
         dv_acc_ref[...] += dot(probs.astype(d_out.dtype), d_out, TN)
         dk_acc_ref[...] += dot(d_logits.astype(q.dtype), q, TN)
 
@@ -123,9 +124,9 @@ def _call(kernel, t: Tiling, grid, tables, inputs, in_specs, out_shapes, out_spe
 
 def _cost(t: Tiling, batch: int, heads: int, dim: int, matmuls: int, inputs) -> pl.CostEstimate:
     """XLA's view of a kernel (it cannot look inside): `matmuls` tile matmuls over every (query, key) pair
-    of every head, one exponential per pair, and each input read once."""
+    of every head, one exponential (and a tanh with a soft-cap) per pair, and each input read once."""
     pairs = batch * heads * t.padded_q * t.padded_k
-    return pl.CostEstimate(flops=2 * matmuls * pairs * dim, transcendentals=pairs,
+    return pl.CostEstimate(flops=2 * matmuls * pairs * dim, transcendentals=pairs * (1 if t.softcap is None else 2),
                            bytes_accessed=sum(x.size * x.dtype.itemsize for x in inputs))
 
 
@@ -166,8 +167,11 @@ def _key_major_specs(t: Tiling, dim: int):
 
 
 def _mask_inputs(masks: BlockMask, t: Tiling, q_side, kv_side):
-    """Per-query limits and, when packed, segment ids (keys' as one [1, S] row per example)."""
+    """Per-query limits, starts with a window, and, when packed, segment ids (keys' as one [1, S] row per
+    example), in the order `split_mask_refs` reads them."""
     arrays, specs = [masks.key_limit_BxTx1], [q_side]
+    if t.windowed:
+        arrays, specs = arrays + [masks.key_start_BxTx1], specs + [q_side]
     if t.segments:
         kv_segments_Bx1xS = masks.kv_segments_BxNxC.reshape(masks.kv_segments_BxNxC.shape[0], 1, -1)
         arrays += [masks.q_segments_BxTx1, kv_segments_Bx1xS]

@@ -1,9 +1,10 @@
 """jax's TPU splash attention kernel behind the `MaskSpec` interface, with padding to its block size.
 
 Splash takes one example of [H, T, D] with T and S multiples of its block, a static mask shared by the batch
-(full or causal here), and segment ids. Lengths such as 197 are padded; padded and segment-0 keys get a segment
-id no query has, and rows that see no key are zeroed afterwards. Per-example prefix-LM masks are not static, so
-they are refused (the Pallas kernel in flash_attention.py handles them).
+(full or causal here), segment ids and a logit soft-cap. Lengths such as 197 are padded; padded and segment-0
+keys get a segment id no query has, and rows that see no key are zeroed afterwards. Per-example prefix-LM masks
+and sliding windows (traced per layer) are not static, so they are refused (the Pallas kernel in
+flash_attention.py handles them).
 
 Shape key: B batch, T query length, S key length, H query heads, K key/value heads (H = K x G), D head dim.
 """
@@ -23,7 +24,8 @@ _PADDING_KEY, _PADDING_QUERY = -1, -2  # padded positions: ids that match nothin
 
 
 @functools.lru_cache(maxsize=64)
-def _kernel(padded_q: int, padded_k: int, heads: int, multi_query: bool, causal: bool, interpret: bool):
+def _kernel(padded_q: int, padded_k: int, heads: int, multi_query: bool, causal: bool, softcap: float | None,
+            interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
     shape = (padded_q, padded_k)
@@ -31,7 +33,7 @@ def _kernel(padded_q: int, padded_k: int, heads: int, multi_query: bool, causal:
     make = splash.make_splash_mqa if multi_query else splash.make_splash_mha
     with jax.ensure_compile_time_eval():  # the cached block tables must be constants, not tracers of one trace
         return make(mask=splash_mask.MultiHeadMask([one_head] * heads), head_shards=1, q_seq_shards=1,
-                    block_sizes=splash.BlockSizes.get_default(), interpret=interpret)
+                    block_sizes=splash.BlockSizes.get_default(), attn_logits_soft_cap=softcap, interpret=interpret)
 
 
 def _segment_ids(mask: MaskSpec, batch: int, length_q: int, length_k: int, padded_q: int, padded_k: int):
@@ -45,11 +47,15 @@ def _segment_ids(mask: MaskSpec, batch: int, length_q: int, length_k: int, padde
 
 
 def splash_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask: MaskSpec,
-                     *, interpret: bool = False) -> jax.Array:
-    """Attention through the splash kernel; returns [B, T, H, D] in q's dtype."""
+                     *, softcap: float | None = None, interpret: bool = False) -> jax.Array:
+    """Attention through the splash kernel, logits soft-capped when `softcap` is set; returns [B, T, H, D] in
+    q's dtype."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-    if mask.prefix_len_B is not None:
+    if mask.prefix_len_B is not None or mask.q_prefix_end_BxT is not None:
         raise ValueError("attention_impl 'splash' has no per-example prefix-LM mask; use 'pallas'")
+    if mask.window is not None:
+        raise ValueError("attention_impl 'splash' has no sliding window (a traced window is no static splash "
+                         "mask); use 'pallas'")
     batch, length_q, heads, dim = q_BxTxHxD.shape
     length_k, kv_heads = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
     padded_q, padded_k = round_up(length_q, BLOCK), round_up(length_k, BLOCK)
@@ -57,7 +63,8 @@ def splash_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.
     k, v = (pad_to(x, {1: padded_k}) for x in (k_BxSxKxD, v_BxSxKxD))
     q_ids, kv_ids = _segment_ids(mask, batch, length_q, length_k, padded_q, padded_k)
     groups = heads // kv_heads
-    kernel = _kernel(padded_q, padded_k, groups if groups > 1 else heads, groups > 1, mask.causal, interpret)
+    kernel = _kernel(padded_q, padded_k, groups if groups > 1 else heads, groups > 1, mask.causal, softcap,
+                     interpret)
 
     def one_example(q_TxHxD, k_SxKxD, v_SxKxD, q_ids_T, kv_ids_S):
         segments = splash.SegmentIds(q_ids_T, kv_ids_S)

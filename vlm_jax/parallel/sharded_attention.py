@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from vlm_jax.kernels.attention import choose, dot_product_attention
@@ -31,22 +32,25 @@ def _axes_dividing(mesh, entry, size: int):
 
 
 def sharded_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
-                      mask: MaskSpec | None, impl: str) -> jax.Array:
+                      mask: MaskSpec | None, impl: str, softcap: float | None = None) -> jax.Array:
     """`dot_product_attention`, with kernels split over batch and heads of the active mesh."""
     active = active_mesh()
     backend = active[0].devices.flat[0].platform if active else jax.default_backend()
-    impl = choose(impl, q_BxTxHxD, k_BxSxKxD, mask, dense_mask=False, backend=backend)
+    impl = choose(impl, q_BxTxHxD, k_BxSxKxD, mask, dense_mask=False, backend=backend, softcap=softcap)
     if impl not in KERNELS or active is None:
-        return dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask, impl=impl, backend=backend)
+        return dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask, impl=impl, backend=backend,
+                                     softcap=softcap)
     mesh, rules = active
     batch = _axes_dividing(mesh, logical_to_mesh_spec(("activation_batch",), rules, mesh)[0], q_BxTxHxD.shape[0])
     heads = _axes_dividing(mesh, logical_to_mesh_spec(("heads",), rules, mesh)[0], k_BxSxKxD.shape[2])
     qkv = PartitionSpec(batch, None, heads, None)
-    mask = mask or MaskSpec()
-    mask_specs = jax.tree.map(lambda x: PartitionSpec(batch, *[None] * (x.ndim - 1)), mask)
+    mask = jax.tree.map(jnp.asarray, mask or MaskSpec())  # a Python int window becomes a 0-d array
+    # per-example arrays split with the batch; the window (0-d) is replicated
+    mask_specs = jax.tree.map(lambda x: PartitionSpec(batch, *[None] * (x.ndim - 1)) if x.ndim else PartitionSpec(),
+                              mask)
 
     def per_device(q, k, v, local_mask):
-        return dot_product_attention(q, k, v, mask=local_mask, impl=impl, backend=backend)
+        return dot_product_attention(q, k, v, mask=local_mask, impl=impl, backend=backend, softcap=softcap)
 
     return jax.shard_map(per_device, mesh=mesh, in_specs=(qkv, qkv, qkv, mask_specs), out_specs=qkv,
                          check_vma=False)(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask)
