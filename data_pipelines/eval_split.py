@@ -47,11 +47,12 @@ def sample_name(sample: dict, folder: bool) -> str:
 
 
 def load_eval_split(source: str, tokenizer_path: str, *, image_size: int, text_len: int,
-                    pp: str = "") -> dict[str, Any]:
+                    pp: str = "", fields: Sequence[str] = ()) -> dict[str, Any]:
     """A whole held-out split in order: image [N,...] (after `pp`), label [N] (-1: none), text [M,L] (every
     reference caption of every image, in image order), text_image [M] (the index of each caption's image),
     captions (N lists of the raw reference strings, in text's order: flattened they match text's rows; empty
-    for an image without captions) and key (N names, see sample_name).
+    for an image without captions), key (N names, see sample_name) and fields ({name: N values, None where a
+    sample lacks it} for each of `fields`, read from the shards' `.json`).
 
     `source` is a shard spec, "tfds:NAME/SPLIT[@DATA_DIR]", "csv:FILE" or "folder:DIR"; `pp` is the image
     op spec (default: default_pp_eval(image_size)). Unusable samples are skipped, logged and counted.
@@ -65,9 +66,10 @@ def load_eval_split(source: str, tokenizer_path: str, *, image_size: int, text_l
         captions = [text for text in sample.get("captions") or [sample.get("caption", "")] if text]
         tokens = tokenizer.encode(captions, text_len) if captions else np.zeros((0, text_len), np.int32)
         return {"image": image_op(sample, rng)["image"], "label": int(sample.get("label", -1)), "text": tokens,
-                "captions": captions, "key": sample_name(sample, folder)}
+                "captions": captions, "key": sample_name(sample, folder),
+                "fields": {name: sample.get(name) for name in fields}}
 
-    records = raw_eval_samples(source)
+    records = raw_eval_samples(source, fields)
     examples = list(PreprocessIterDataset(grain.MapDataset.source(records).to_iter_dataset(), to_example, seed=0))
     if not examples:
         raise DataError(f"no usable samples in the evaluation set {source!r}")
@@ -86,7 +88,8 @@ def load_eval_split(source: str, tokenizer_path: str, *, image_size: int, text_l
             "text": np.concatenate(texts).astype(np.int32),
             "text_image": np.repeat(np.arange(len(texts)), [len(t) for t in texts]).astype(np.int64),
             "captions": [list(example["captions"]) for example in examples],
-            "key": [example["key"] for example in examples]}
+            "key": [example["key"] for example in examples],
+            "fields": {name: [example["fields"][name] for example in examples] for name in fields}}
 
 
 def tokenize_class_prompts(tokenizer_path: str, class_names: Sequence[str], templates: Sequence[str],

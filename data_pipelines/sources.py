@@ -10,14 +10,16 @@ from data_pipelines.webdataset import FieldMap, expand_shards, read_shard
 EVAL_FIELDS = FieldMap(require_caption=False, json_fields=("label",))
 
 
-def _tar_records(urls: Sequence[str]) -> Iterator[dict]:
+def _tar_records(urls: Sequence[str], json_fields: Sequence[str] = ()) -> Iterator[dict]:
+    fields = FieldMap(require_caption=False, json_fields=EVAL_FIELDS.json_fields + tuple(json_fields))
     for url in urls:
-        yield from read_shard(url, EVAL_FIELDS)
+        yield from read_shard(url, fields)
 
 
-def raw_eval_samples(source: str) -> list[dict]:
+def raw_eval_samples(source: str, json_fields: Sequence[str] = ()) -> list[dict]:
     """Raw samples (and skip records) of `source`: a shard spec, "tfds:NAME/SPLIT[@DATA_DIR]",
-    "csv:FILE" or "folder:DIR"."""
+    "csv:FILE" or "folder:DIR"; shard samples also carry these keys of their `.json` (e.g. a question's
+    answer)."""
     kind, _, rest = source.partition(":")
     if kind == "tfds":
         from data_pipelines.tfds_source import tfds_source
@@ -32,4 +34,4 @@ def raw_eval_samples(source: str) -> list[dict]:
     if kind == "folder":
         from data_pipelines.folder_source import folder_samples
         return list(folder_samples(rest))
-    return list(_tar_records(expand_shards(source)))
+    return list(_tar_records(expand_shards(source), json_fields))

@@ -41,7 +41,7 @@ DEFAULT_SHARDING_RULES = (
 )
 
 CHOICES = {
-    "task": ("contrastive", "captioning", "coca"),
+    "task": ("contrastive", "captioning", "coca", "vlm"),
     "model.caption.loss_reduction": ("example", "token"),
     "model.loss": ("sigmoid", "softmax"),
     "model.loss_impl": ("collective", "global"),
@@ -49,6 +49,8 @@ CHOICES = {
     "model.image.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.text.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.decoder.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.lm.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.vlm.projector": ("linear", "mlp"),
     "optim.moments_dtype": ("float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
     "optim.name": ("adamw", "adafactor"),
@@ -82,6 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
     # data.eval_shards), "every": steps (default eval_every), ...its own settings}}; None: the task's defaults.
     # See vlm_jax/evaluators/registry.py.
     c.evals = placeholder(dict)
+    # Bootstrapping (LiT, BLIP-2, PaliGemma stage 1): parameters copied from other workdirs' newest checkpoints
+    # before the first step, {"<subtree of this model>": {"workdir": DIR, "params": "<subtree there>" (default:
+    # the same path)}}, e.g. {"image_encoder": {"workdir": "demo_out/clip_tiny"}}. Freeze them with optim.freeze.
+    c.init_from = placeholder(dict)
 
     c.model = ml_collections.ConfigDict()
     c.model.loss = "sigmoid"
@@ -120,7 +126,27 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.coca.caption_queries = 256
     c.model.coca.contrastive_weight = 1.0
     c.model.coca.caption_weight = 2.0
-    for tower in (c.model.image, c.model.text, c.model.decoder):  # Optional overrides of the named size.
+    # Decoder-only VLM (task "vlm"): a Gemma-architecture LM (models/gemma.py) named by size ("tiny", "gemma-2b",
+    # "gemma2-2b", "gemma3-1b") with optional overrides; its vocabulary is model.text.vocab_size.
+    c.model.lm = ml_collections.ConfigDict()
+    c.model.lm.size = "tiny"
+    # Overrides of the named size (None: the size's own): 0 turns a softcap or the sliding window off;
+    # layer_pattern repeats "L" (local, windowed) and "G" (global) layers over the depth.
+    for key in ("num_kv_heads", "head_dim", "window"):
+        c.model.lm[key] = placeholder(int)
+    for key in ("attn_softcap", "final_softcap", "rope_base", "rope_base_local"):
+        c.model.lm[key] = placeholder(float)
+    for key in ("qk_norm", "post_norms"):
+        c.model.lm[key] = placeholder(bool)
+    c.model.lm.layer_pattern = placeholder(str)
+    c.model.lm.max_len = 8192  # longest row (image tokens and text) the model is built for
+    c.model.vlm = ml_collections.ConfigDict()
+    c.model.vlm.projector = "linear"  # image tokens -> LM width: "linear" (PaliGemma) or "mlp" (LLaVA-1.5)
+    # PRIOR token weighting (vlm_jax/tasks/prior.py): the workdir of a frozen text-only reference LM (a "vlm" run
+    # on text-only data, same tokenizer); None: plain next-token prediction.
+    c.model.vlm.prior_reference = placeholder(str)
+    c.model.vlm.prior_alpha = 1.0
+    for tower in (c.model.image, c.model.text, c.model.decoder, c.model.lm):  # Optional overrides of the size.
         for key in ("width", "depth", "mlp_dim", "num_heads"):
             tower[key] = placeholder(int)
         # Rematerialisation per block: none, full (recompute everything), dots (keep matmul outputs),
@@ -392,7 +418,7 @@ def _assign_saved(node: ml_collections.ConfigDict, saved: dict, path: str, prefi
 # change (the schedule, the optimizer, the model, the data stream) needs an explicit allowance.
 RESUMABLE_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "evals", "microbatches",
                   "mesh.", "sharding_rules", "model.attention_impl", "model.loss_impl", "model.image.remat",
-                  "model.text.remat", "model.decoder.remat", "data.num_workers", "data.worker_buffer_size", "data.read_", "data.eval_",
+                  "model.text.remat", "model.decoder.remat", "model.lm.remat", "data.num_workers", "data.worker_buffer_size", "data.read_", "data.eval_",
                   "data.pp_eval", "data.classnames", "data.templates")
 
 

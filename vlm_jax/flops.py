@@ -93,3 +93,23 @@ def coca_train_flops_per_sample(model: ml_collections.ConfigDict, image_frozen: 
                     + decoder_forward_flops(length, queries, img.width, dec.width, dec.depth, dec.mlp_dim,
                                             model.text.vocab_size))
     return (1 if image_frozen else 3) * image_forward + 3 * text_forward
+
+
+def gemma_forward_flops(tokens: int, lm) -> int:
+    """`tokens` positions through a Gemma LM (GemmaSpec): q/k/v/out projections, GeGLU MLP, attention over every
+    position (an upper bound for windowed layers) and the tied output projection."""
+    heads, kv = lm.num_heads * lm.head_dim, lm.num_kv_heads * lm.head_dim
+    per_layer = 2 * tokens * (2 * lm.width * heads + 2 * lm.width * kv + 3 * lm.width * lm.mlp_dim)
+    per_layer += 2 * 2 * tokens * tokens * heads
+    return lm.depth * per_layer + 2 * tokens * lm.width * lm.vocab_size
+
+
+def vlm_train_flops_per_sample(model: ml_collections.ConfigDict, images: int, length: int) -> int:
+    """Training FLOPs for one row of the decoder-only VLM: `images` ViT passes, their projection and the LM over
+    `length` positions."""
+    from vlm_jax.tasks.towers import gemma_config, vit_config
+    image = vit_config(model, pool="none")
+    lm = gemma_config(model).spec()
+    patches = (image.image_size // parse_variant(image.variant)[1]) ** 2
+    projector = 2 * patches * image.encoder_spec().width * lm.width * (1 if model.vlm.projector == "linear" else 2)
+    return 3 * (images * (vit_forward_flops(image) + projector) + gemma_forward_flops(length, lm))

@@ -33,6 +33,7 @@ from vlm_jax.parallel.mesh import make_mesh
 from vlm_jax.parallel.param_table import log_parameter_table
 from vlm_jax.parallel.sharding import batch_sharding, data_parallel_size, to_global_batch
 from vlm_jax.run_health import FAILED, RAN_OUT, DataFeed, EndOfData, RunHealth, zeros_like_batch
+from vlm_jax.param_init import initialise_from
 from vlm_jax.tasks import get_task
 from vlm_jax.train_state import init_train_state, make_state_layout, param_count
 from vlm_jax.train_step import make_train_step
@@ -129,7 +130,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_changes: set[st
             state = checkpoint.restore(manager, start, layout.abstract_state, data_iterator)
             log(f"resumed from {manager.directory} at step {start}")
         else:
-            state = init_train_state(layout, config.seed)
+            state = initialise_from(init_train_state(layout, config.seed), config.init_from, layout, mesh, log)
         if jax.process_index() == 0:
             save_config(config, root / "config.json")
         writer = MetricsWriter(root, resumed_step=start)

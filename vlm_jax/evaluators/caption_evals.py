@@ -97,7 +97,7 @@ class CaptioningEvaluator(Evaluator):
     prediction = "decode"
     needs = ("captions",)
     settings = {"max_new_tokens": None, "beam": 1, "length_penalty": 0.6, "temperature": 0.0, "top_k": 0,
-                "top_p": 1.0, "max_images": None, "gallery": 48}
+                "top_p": 1.0, "max_images": None, "gallery": 48, "prompt": None}
 
     def __init__(self, spec, env, data):
         super().__init__(spec, env, data)
@@ -108,7 +108,7 @@ class CaptioningEvaluator(Evaluator):
             length_penalty=float(o["length_penalty"]),
             sampling=SamplingConfig(temperature=float(o["temperature"]), top_k=int(o["top_k"]),
                                     top_p=float(o["top_p"])))
-        self.decode = make_caption_decoder(env.task, env.layout, env.mesh, decode)
+        self.decode = make_caption_decoder(env.task, env.layout, env.mesh, decode, o["prompt"])
         if (o["max_images"] is not None and o["max_images"] < 1) or o["gallery"] < 0:
             raise ValueError(f"evaluation {spec.name!r}: max_images must be >= 1 (or None) and gallery >= 0")
         self.tokenizer = Tokenizer(env.config.data.tokenizer)

@@ -53,6 +53,11 @@ class Evaluator:
         self.options = {**self.settings, **spec.settings}
 
     @classmethod
+    def fields(cls, settings: dict[str, Any]) -> tuple[str, ...]:
+        """The `.json` fields of the split this evaluator reads, given its settings (none by default)."""
+        return ()
+
+    @classmethod
     def missing(cls, data) -> str | None:
         """What the split lacks for this evaluator, or None."""
         if "captions" in cls.needs and not data.has_captions:

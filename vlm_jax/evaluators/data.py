@@ -26,6 +26,7 @@ class EvalData:
     prompts: np.ndarray | None
     references: list[list[str]] = dataclasses.field(default_factory=list)
     keys: list[str] = dataclasses.field(default_factory=list)
+    fields: dict[str, list] = dataclasses.field(default_factory=dict)
 
     @property
     def has_captions(self) -> bool:
@@ -46,7 +47,7 @@ def eval_preprocessing(config: ml_collections.ConfigDict) -> str:
 
 
 def load_eval_data(config: ml_collections.ConfigDict, source: str | None = None, *,
-                   require_content: bool = True) -> EvalData | None:
+                   require_content: bool = True, fields: tuple[str, ...] = ()) -> EvalData | None:
     """The split `source` (default `config.data.eval_shards`; None when neither is set) preprocessed by
     eval_preprocessing, with class prompts from data.classnames / data.templates when set; a one-line
     ConfigError when its images do not fit the model or (with `require_content`) it has neither captions nor
@@ -57,7 +58,7 @@ def load_eval_data(config: ml_collections.ConfigDict, source: str | None = None,
         return None
     pp = eval_preprocessing(config)
     split = eval_split.load_eval_split(source, data.tokenizer, image_size=image_size,
-                                       text_len=config.model.text.max_len, pp=pp)
+                                       text_len=config.model.text.max_len, pp=pp, fields=fields)
     if split["image"].shape[1:] != (image_size, image_size, 3):
         raise ConfigError(f"data.pp_eval {pp!r} gives images of shape {split['image'].shape[1:]}, but "
                           f"model.image.image_size is {image_size}")
@@ -70,7 +71,7 @@ def load_eval_data(config: ml_collections.ConfigDict, source: str | None = None,
             raise ConfigError(f"{source} has label {split['label'].max()} but {data.classnames} names "
                               f"only {len(classnames)} classes")
     eval_data = EvalData(split["image"], split["text"], split["text_image"], split["label"], prompts,
-                         split["captions"], split["key"])
+                         split["captions"], split["key"], split["fields"])
     if require_content and not (eval_data.has_captions or eval_data.has_class_labels):
         raise ConfigError(f"nothing to evaluate in {source}: it has no captions (retrieval, captioning) and no "
                           f"labels for every image with data.classnames (classification)")

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
@@ -65,12 +66,13 @@ class DecodeSettings:
         return f"sampling (temperature {s.temperature}, top-k {s.top_k or 'off'}, top-p {s.top_p})"
 
 
-def make_caption_decoder(task, layout: StateLayout, mesh: Mesh, settings: DecodeSettings
+def make_caption_decoder(task, layout: StateLayout, mesh: Mesh, settings: DecodeSettings, prompt: str | None = None
                          ) -> Callable[[Any, jax.Array, int], jax.Array]:
     """(params, images [B,H,W,3], call index) -> caption ids [B, max_new_tokens] (EOS, then padding), jitted with
     the KV cache; sampling draws from fold_in(key(settings.seed), call index), so every batch gets its own
-    randomness. A one-line ValueError when the length does not fit the decoder's position table or the beam is
-    not positive."""
+    randomness. A task that takes a prompt (a decoder-only VLM) gets `prompt` after every image (default: the
+    task's captioning prompt). A one-line ValueError when the length does not fit the decoder's position table
+    or the beam is not positive."""
     if settings.beam < 1:
         raise ValueError(f"beam must be >= 1, got {settings.beam}")
     limit = task.max_decode_len()
@@ -79,7 +81,12 @@ def make_caption_decoder(task, layout: StateLayout, mesh: Mesh, settings: Decode
                          f"table holds model.text.max_len = {limit} tokens (BOS and all but the last new one)")
     cache_len = settings.max_new_tokens  # BOS and every new token but the last
 
+    prompt_ids = task.prompt_ids(prompt) if getattr(task, "takes_prompt", False) else None
+
     def decode(model, images, rng):
+        if prompt_ids is not None:
+            images = {"image": images, "prompt": jnp.broadcast_to(prompt_ids, (images.shape[0], len(prompt_ids)))}
+
         def prefill(inputs):
             return task.prefill(model, inputs, cache_len)
 

@@ -23,6 +23,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding
 
 from vlm_jax.config import ConfigError
+from vlm_jax.evaluators.answer_evals import AnswersEvaluator
 from vlm_jax.evaluators.caption_evals import CaptioningEvaluator, PerplexityEvaluator, ScoringClassifierEvaluator
 from vlm_jax.evaluators.contrastive_evals import RetrievalEvaluator, ZeroShotEvaluator
 from vlm_jax.evaluators.data import EvalData, load_eval_data
@@ -31,7 +32,7 @@ from vlm_jax.parallel.sharding import batch_sharding, data_parallel_size
 from vlm_jax.train_state import StateLayout
 
 EVALUATORS = {cls.type: cls for cls in (RetrievalEvaluator, ZeroShotEvaluator, PerplexityEvaluator,
-                                        ScoringClassifierEvaluator, CaptioningEvaluator)}
+                                        ScoringClassifierEvaluator, CaptioningEvaluator, AnswersEvaluator)}
 COMMON_KEYS = ("type", "data", "every")
 
 
@@ -109,12 +110,16 @@ class Evaluations:
                                   f"{', '.join(spec.name for spec in specs) or 'none'}")
             specs = [spec for spec in specs if spec.name in only]
         splits: dict[str | None, EvalData | None] = {}
+        fields: dict[str | None, set[str]] = {}  # the .json fields each split's evaluators read
+        for spec in specs:
+            fields.setdefault(spec.data, set()).update(EVALUATORS[spec.type].fields(spec.settings))
         self.evaluators = []
         for spec in specs:
             kind = EVALUATORS[spec.type]
             require(task, config, kind.prediction, f"evaluator {spec.name!r} ({spec.type})")
             if spec.data not in splits:
-                splits[spec.data] = load_eval_data(config, spec.data, require_content=False)
+                splits[spec.data] = load_eval_data(config, spec.data, require_content=False,
+                                                   fields=tuple(sorted(fields[spec.data])))
             data = splits[spec.data]
             if data is None:
                 if not defaults:

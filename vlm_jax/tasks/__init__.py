@@ -11,7 +11,8 @@ from jax.sharding import Mesh
 # the task classes import in turn.
 TASKS = {"contrastive": "vlm_jax.tasks.contrastive:ContrastiveTask",
          "captioning": "vlm_jax.tasks.captioning:CaptioningTask",
-         "coca": "vlm_jax.tasks.coca:CocaTask"}
+         "coca": "vlm_jax.tasks.coca:CocaTask",
+         "vlm": "vlm_jax.tasks.vlm:VlmTask"}
 
 
 def get_task(config: ml_collections.ConfigDict, mesh: Mesh | None = None):

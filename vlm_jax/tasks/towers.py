@@ -7,11 +7,14 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlm_jax.models.decoder import DecoderConfig
+from vlm_jax.models.gemma import GemmaConfig
 from vlm_jax.models.text import TextConfig
 from vlm_jax.models.vit import ViTConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SIZE_OVERRIDES = ("width", "depth", "mlp_dim", "num_heads")
+GEMMA_OVERRIDES = ("num_kv_heads", "head_dim", "window", "attn_softcap", "final_softcap", "rope_base",
+                   "rope_base_local", "qk_norm", "post_norms", "layer_pattern")
 
 
 def _shared(m: ml_collections.ConfigDict, tower: ml_collections.ConfigDict) -> dict:
@@ -35,6 +38,12 @@ def decoder_config(m: ml_collections.ConfigDict, image_width: int) -> DecoderCon
     return DecoderConfig(size=m.decoder.size, vocab_size=m.text.vocab_size, max_len=m.text.max_len,
                          image_width=image_width, zero_init_head=m.decoder.zero_init_head,
                          **_shared(m, m.decoder))
+
+
+def gemma_config(m: ml_collections.ConfigDict) -> GemmaConfig:
+    """model.lm as a GemmaConfig with model.text's vocabulary."""
+    overrides = {key: m.lm[key] for key in GEMMA_OVERRIDES}
+    return GemmaConfig(size=m.lm.size, vocab_size=m.text.vocab_size, **overrides, **_shared(m, m.lm))
 
 
 def image_text_batch(config: ml_collections.ConfigDict, batch_size: int, sharding=None
