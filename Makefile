@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA := demo_out/data
 WORKDIR := demo_out/clip_tiny
 
-.PHONY: install demo demo-data demo-cappa demo-coca test test-fast clean-demo peer-env
+.PHONY: install demo demo-data demo-cappa demo-coca demo-vlm test test-fast clean-demo peer-env
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,16 @@ demo-cappa demo-coca: demo-%: install $(DATA)/spm.model
 	$(BIN)/python -m vlm_jax.train --config=configs/demo/$*_tiny.py:$(DATA) --workdir=demo_out/$*_tiny
 	$(BIN)/python -m vlm_jax.generate --workdir=demo_out/$*_tiny --images=$(DATA)/eval --beam=4
 	@echo "Finished: gallery.html, captions.jsonl, generated.jsonl and eval_results.json are in demo_out/$*_tiny"
+
+# The decoder-only VLM demo (README, "Decoder-only VLM"): stage 0 is the contrastive demo (its image tower is
+# copied and frozen), then packed prefix-LM training, then answers to a question.
+$(WORKDIR)/eval_results.json: | $(DATA)/spm.model
+	$(BIN)/python -m vlm_jax.train --config=configs/demo/clip_tiny.py:$(DATA) --workdir=$(WORKDIR)
+
+demo-vlm: install $(DATA)/spm.model $(WORKDIR)/eval_results.json
+	$(BIN)/python -m vlm_jax.train --config=configs/demo/vlm_tiny.py:$(DATA) --workdir=demo_out/vlm_tiny
+	$(BIN)/python -m vlm_jax.generate --workdir=demo_out/vlm_tiny --images=$(DATA)/eval --prompt="what shape?"
+	@echo "Finished: gallery.html, captions.jsonl, generated.jsonl and eval_results.json are in demo_out/vlm_tiny"
 
 # The tests also need the TPU compiler (libtpu, about 700 MB): every kernel and train step is compiled for TPU.
 $(VENV)/.installed-tpu: $(VENV)/.installed

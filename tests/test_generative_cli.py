@@ -53,3 +53,25 @@ def test_train_evaluate_generate(data_dir, tmp_path):
     too_long = run("vlm_jax.generate", f"--workdir={workdir}", f"--images={data_dir}/eval", "--max-new-tokens=9")
     assert too_long.returncode == 2 and "decode length 9 is outside 1..8" in too_long.stderr
     assert os.path.isdir(ROOT)
+
+
+@pytest.mark.slow
+def test_vlm_train_with_answers_then_generate_with_a_prompt(data_dir, tmp_path):
+    workdir = tmp_path / "vlm"
+    vlm = {"image_tokens": 4, "text_len": 12, "pack": True, "pack_images": 2,
+           "tasks": {"caption": {"prefix": "caption", "suffix": "{caption}"},
+                     "shape": {"prefix": "what shape?", "suffix": "{shape}"}}}
+    evals = {"answers": {"questions": {"shape": {"prompt": "what shape?", "answer": "{shape}"}}, "max_images": 8},
+             "captioning": {"max_images": 8}}
+    trained = run("vlm_jax.train", f"--config=configs/demo/vlm_tiny.py:{data_dir}", f"--workdir={workdir}", *TINY,
+                  "--config.model.lm.width=32", "--config.model.lm.depth=1", "--config.total_steps=4",
+                  "--config.data.num_workers=0", f"--config.data.vlm={vlm}", f"--config.evals={evals}",
+                  "--config.init_from=None", "--config.optim.freeze=")  # from scratch: no stage-0 workdir
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    results = json.loads((workdir / "eval_results.json").read_text())
+    assert {"answers/shape/exact_match", "answers/exact_match", "captioning/cider"} <= set(results)
+    generated = run("vlm_jax.generate", f"--workdir={workdir}", f"--images={data_dir}/eval", "--prompt=what shape?",
+                    "--max-new-tokens=4", f"--out={tmp_path / 'answers.jsonl'}")
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert "48 answers to 'what shape?'" in generated.stdout
+    assert len((tmp_path / "answers.jsonl").read_text().splitlines()) == 48

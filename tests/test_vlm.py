@@ -171,3 +171,131 @@ def test_eight_devices_match_one_device(one_device_vlm):
     """fsdp x tensor over 8 devices, packed rows."""
     mesh = dict(data=1, fsdp=4, tensor=2)
     assert_same_history(history_of_vlm(vlm_config(pack=True, **mesh), jax.devices()), one_device_vlm)
+
+
+def contrastive_workdir(tmp_path, width=None):
+    """A contrastive run's workdir (saved config and a checkpoint of its initial state): a GAP-pooled image tower."""
+    from vlm_jax import checkpoint
+    from vlm_jax.config import save_config
+    config = tiny_config()
+    config.model.image.pool = "gap"
+    config.model.image.width = width
+    layout, _, _ = setup(config, jax.devices()[:1])
+    state = init_train_state(layout, 7)
+    save_config(config, tmp_path / "config.json")
+    manager = checkpoint.make_manager(str(tmp_path), 1)
+    assert checkpoint.save(manager, 1, state, None)
+    manager.wait_until_finished()
+    manager.close()
+    return layout.merge(state["params"])
+
+
+def bootstrapped(config):
+    from vlm_jax.param_init import initialise_from
+    layout, _, _ = setup(config, jax.devices()[:1])
+    state = initialise_from(init_train_state(layout, 0), config.init_from, layout, layout_mesh(layout), print)
+    return layout, state
+
+
+def layout_mesh(layout):
+    return jax.tree.leaves(layout.shardings["params"])[0].mesh
+
+
+def test_initialising_from_a_contrastive_workdir_gives_its_image_embeddings(tmp_path):
+    source = contrastive_workdir(tmp_path)
+    config = vlm_config()
+    config.init_from = {"image_encoder": {"workdir": str(tmp_path)}}
+    layout, state = bootstrapped(config)
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3)), jnp.uint8)
+    tokens = layout.merge(state["params"]).image_encoder(images)
+    np.testing.assert_array_equal(np.asarray(tokens.mean(axis=1)), np.asarray(source.image_encoder(images)))
+
+
+def test_a_checkpoint_of_another_shape_is_refused_naming_the_parameter(tmp_path):
+    from vlm_jax.config import ConfigError
+    contrastive_workdir(tmp_path, width=48)
+    config = vlm_config()
+    config.init_from = {"image_encoder": {"workdir": str(tmp_path)}}
+    with pytest.raises(ConfigError, match=r"^parameter 'image_encoder/encoder/blocks/0/attn/key/bias' is \(4, 12\) in "
+                                          r".* \(step 1\) but \(4, 8\) in this model$"):
+        bootstrapped(config)
+
+
+def test_frozen_towers_are_bit_identical_after_training_steps():
+    config = vlm_config(pack=True)
+    config.optim.freeze, config.optim.warmup_steps = r"^(image_encoder|lm)/", 0  # stage 1: only the projector
+    layout, sharding, step_fn = setup(config, jax.devices()[:1])
+    state = init_train_state(layout, 0)
+    items = examples()
+    batch = to_global_batch({k: np.asarray(v) for k, v in packed_rows([items[:2], items[2:]] * 8).items()}, sharding)
+    before = jax.device_get(state["params"])
+    for _ in range(2):
+        state, _ = step_fn(state, batch)
+    after = jax.device_get(state["params"])
+    for tower in ("image_encoder", "lm"):
+        for a, b in zip(jax.tree.leaves(before[tower]), jax.tree.leaves(after[tower])):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(before["projector"]["fc1"]["kernel"], after["projector"]["fc1"]["kernel"])
+
+
+def test_prior_weighting_changes_the_loss_as_specified(tmp_path):
+    """With a reference LM: each example's loss is sum_i w_i / sum_j w_j * nll_i, w = (1 - p_ref) ** alpha; the
+    reference reads the text only (images do not change it) and gets no gradient."""
+    from vlm_jax.config import save_config
+    save_config(vlm_config(), tmp_path / "config.json")  # the reference run: same tokenizer and LM size
+    config = vlm_config()
+    config.model.vlm.prior_reference = str(tmp_path)
+    config.init_from = {"prior_lm": {"workdir": str(tmp_path), "params": "lm"}}
+    config.optim.freeze = "^prior_lm/"
+    config.model.vlm.prior_alpha = alpha = 60.0  # an untrained reference's p_ref are all near 1/64: sharpen w
+    task, model = build(config)
+    batch = unpacked_rows(examples())
+    reference = model.reference_logits(batch)
+    other_images = dict(batch, images=255 - batch["images"])
+    np.testing.assert_array_equal(np.asarray(model.reference_logits(other_images)), np.asarray(reference))
+    p_ref = np.asarray(jax.nn.softmax(reference, -1))
+    logp = np.asarray(jax.nn.log_softmax(model(batch), -1))
+    targets, weights = np.asarray(batch["targets"]), np.asarray(batch["loss_weights"])
+    rows = np.arange(len(targets))[:, None], np.arange(targets.shape[1])[None]
+    nll, p = -logp[(*rows, targets)], p_ref[(*rows, targets)]
+    w = (1 - p) ** alpha
+    expected = np.mean([np.sum(w[r][weights[r] > 0] * nll[r][weights[r] > 0]) / np.sum(w[r][weights[r] > 0])
+                        for r in range(len(targets))])
+    loss, grads = loss_and_grads(task, model, batch)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    plain = np.mean([nll[r][weights[r] > 0].mean() for r in range(len(targets))])
+    assert abs(loss - plain) > 1e-4
+    graphdef, params = nnx.split(model, nnx.Param)
+    prior_grads = jax.grad(lambda p: task.loss(nnx.merge(graphdef, p), batch)[0])(params)["prior_lm"]
+    assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(prior_grads))
+
+
+def test_initialising_the_lm_from_another_run_copies_it(tmp_path):
+    from vlm_jax import checkpoint
+    from vlm_jax.config import save_config
+    source = vlm_config()
+    layout, _, _ = setup(source, jax.devices()[:1])
+    state = init_train_state(layout, 5)
+    save_config(source, tmp_path / "config.json")
+    manager = checkpoint.make_manager(str(tmp_path), 1)
+    assert checkpoint.save(manager, 3, state, None)
+    manager.wait_until_finished()
+    manager.close()
+    config = vlm_config()
+    config.init_from = {"lm": {"workdir": str(tmp_path), "params": "lm"}}
+    _, copied = bootstrapped(config)
+    for a, b in zip(jax.tree.leaves(state["params"]["lm"]), jax.tree.leaves(copied["params"]["lm"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_rows_the_model_cannot_hold_are_refused_in_one_line():
+    from vlm_jax.config import ConfigError
+    config = vlm_config()
+    config.data.vlm = dict(config.data.vlm, image_tokens=9)
+    with pytest.raises(ConfigError, match=r"^data.vlm.image_tokens is 9 but the image encoder \(mu/8 at 16 px\) "
+                                          r"gives 4 tokens per image$"):
+        get_task(config)
+    config = vlm_config()
+    config.model.lm.max_len = 12
+    with pytest.raises(ConfigError, match=r"^rows of 14 positions .* exceed model.lm.max_len 12"):
+        get_task(config)

@@ -1,8 +1,9 @@
 """Captions for a folder of images or webdataset shards, from a workdir's newest checkpoint, with the KV cache.
 
     python -m vlm_jax.generate --workdir=DIR --images=FOLDER_OR_SHARDS [--beam=4 | --top-p=0.9] [--out=FILE]
+    python -m vlm_jax.generate --workdir=VLM_DIR --images=... --prompt="what shape?"
 
-Greedy by default; `--beam` > 1 runs beam search, `--temperature` / `--top-k` / `--top-p` sample. Writes one JSON
+A decoder-only VLM answers `--prompt` (default: its captioning prompt) after each image. Greedy by default; `--beam` > 1 runs beam search, `--temperature` / `--top-k` / `--top-p` sample. Writes one JSON
 line per image ({"key", "caption"}, plus "references" when the shards have captions) to --out (default
 DIR/generated.jsonl) and prints a few.
 """
@@ -10,6 +11,7 @@ DIR/generated.jsonl) and prints a few.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -44,14 +46,18 @@ def image_source(images: str) -> str:
     return images
 
 
-def caption_images(config: ml_collections.ConfigDict, workdir: str, images: str, settings: DecodeSettings
-                   ) -> tuple[int, list[dict]]:
+def caption_images(config: ml_collections.ConfigDict, workdir: str, images: str, settings: DecodeSettings,
+                   prompt: str | None = None) -> tuple[int, list[dict]]:
     """(checkpoint step, one record per image) for the newest checkpoint in `workdir`."""
     mesh = make_mesh(config.mesh)
     task = get_task(config)
     require(task, config, "decode", "vlm_jax.generate")
+    if prompt is not None and not getattr(task, "takes_prompt", False):
+        raise ConfigError(f"--prompt needs a decoder-only VLM (task 'vlm'); this workdir's task is {config.task!r}")
     layout = make_state_layout(task, config, mesh)
-    decode = make_caption_decoder(task, layout, mesh, settings)  # a bad length fails before anything loads
+    if settings.max_new_tokens is None:
+        settings = dataclasses.replace(settings, max_new_tokens=task.max_decode_len())
+    decode = make_caption_decoder(task, layout, mesh, settings, prompt)  # a bad length fails before anything loads
     split = eval_split.load_eval_split(image_source(images), config.data.tokenizer,
                                        image_size=config.model.image.image_size,
                                        text_len=config.model.text.max_len, pp=eval_preprocessing(config))
@@ -70,13 +76,14 @@ def caption_images(config: ml_collections.ConfigDict, workdir: str, images: str,
     return step, records
 
 
-def parse_settings(args: argparse.Namespace, config: ml_collections.ConfigDict) -> DecodeSettings:
+def parse_settings(args: argparse.Namespace) -> DecodeSettings:
+    """The decoding flags; max_new_tokens None stands for the task's longest answer."""
     if args.beam > 1 and (args.temperature or args.top_k or args.top_p < 1):
         raise ConfigError("--beam and sampling (--temperature / --top-k / --top-p) exclude each other")
     temperature = args.temperature if args.temperature is not None else (1.0 if args.top_k or args.top_p < 1
                                                                          else 0.0)
     return DecodeSettings(
-        max_new_tokens=config.model.text.max_len if args.max_new_tokens is None else args.max_new_tokens,
+        max_new_tokens=args.max_new_tokens,
         beam=args.beam,
         length_penalty=args.length_penalty, seed=args.seed,
         sampling=SamplingConfig(temperature=temperature, top_k=args.top_k, top_p=args.top_p))
@@ -93,14 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, help="default 0 (greedy), or 1 with --top-k / --top-p")
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, help="default model.text.max_len")
+    parser.add_argument("--max-new-tokens", type=int, help="default: the task's text length")
+    parser.add_argument("--prompt", help="a VLM's prompt after each image (default: its captioning prompt)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--show", type=int, default=5, help="captions printed")
     args = parser.parse_args(argv)
     try:
         config = load_saved_config(resolve(args.workdir) / "config.json")
-        settings = parse_settings(args, config)
-        step, records = caption_images(config, args.workdir, args.images, settings)
+        settings = parse_settings(args)
+        step, records = caption_images(config, args.workdir, args.images, settings, args.prompt)
     except USER_ERRORS as e:
         if os.environ.get("VLM_JAX_TRACEBACK"):
             raise
@@ -109,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     if jax.process_index() == 0:
         out = resolve(args.out) if args.out else resolve(args.workdir) / "generated.jsonl"
         out.write_text("".join(json.dumps(record) + "\n" for record in records))
-        print(f"{len(records)} captions from step {step} ({settings.describe()}) written to {out}")
+        what = f"answers to {args.prompt!r}" if args.prompt else "captions"
+        print(f"{len(records)} {what} from step {step} ({settings.describe()}) written to {out}")
         for record in records[:args.show]:
             print(f"  {record['key']}: {record['caption']}")
     return 0

@@ -40,17 +40,18 @@ def workdir_params(workdir: str, mesh: Mesh) -> tuple[int, Any]:
     return checkpoint.restore_newest_params(workdir, config.keep_checkpoints, layout.abstract_state)
 
 
-def copy_matching(target: dict, source: dict, where: str) -> tuple[dict, list[str]]:
+def copy_matching(target: dict, source: dict, where: str, prefix: str = "") -> tuple[dict, list[str]]:
     """`target`'s structure filled with `source`'s leaves; (tree, source paths left out). A target parameter
-    missing from the source, or of another shape, is a one-line ConfigError naming it."""
+    missing from the source, or of another shape, is a one-line ConfigError naming it (as `prefix`/path)."""
     found = dict(leaves_with_path_str(source))
     copied = {}
     for path, leaf in leaves_with_path_str(target):
         if path not in found:
-            raise ConfigError(f"{where} has no parameter {path!r}, which this model needs (shape {leaf.shape})")
+            raise ConfigError(f"{where} has no parameter for {prefix + path!r}, which this model needs (shape "
+                              f"{tuple(leaf.shape)})")
         if tuple(found[path].shape) != tuple(leaf.shape):
-            raise ConfigError(f"parameter {path!r} is {tuple(found[path].shape)} in {where} but {tuple(leaf.shape)} "
-                              "in this model")
+            raise ConfigError(f"parameter {prefix + path!r} is {tuple(found[path].shape)} in {where} but "
+                              f"{tuple(leaf.shape)} in this model")
         copied[path] = found[path]
     left_out = sorted(set(found) - set(copied))
     leaves = [copied[path] for path, _ in leaves_with_path_str(target)]
@@ -72,7 +73,7 @@ def initialise_from(state: TrainState, sources: dict | None, layout: StateLayout
         where = f"{spec['workdir']} (step {step})"
         source = subtree(source_params, spec.get("params", target_path), where)
         target = subtree(params, target_path, "this model")
-        copied, left_out = copy_matching(target, source, where)
+        copied, left_out = copy_matching(target, source, where, target_path.strip("/") + "/")
         shardings = subtree(layout.shardings["params"], target_path, "this model")
         placed = jax.tree.map(lambda x, s, t: jax.device_put(x.astype(t.dtype), s), copied, shardings, target)
         params = replace_subtree(params, target_path, placed)

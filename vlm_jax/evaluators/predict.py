@@ -33,7 +33,7 @@ def require(task, config: ml_collections.ConfigDict, prediction: str, user: str)
     if prediction not in offered:
         kinds = {"embed": "embed images and texts (a contrastive or CoCa task)",
                  "score": "score captions (a generative task: captioning or coca)",
-                 "decode": "decode captions (a generative task: captioning or coca)"}
+                 "decode": "decode captions (a generative task: captioning, coca or vlm)"}
         raise PredictionError(f"{user} needs a model that can {kinds[prediction]}; this workdir's task is "
                               f"{config.task!r}, which offers {', '.join(offered) or 'no predictions'}")
 
