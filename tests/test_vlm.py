@@ -121,18 +121,26 @@ def test_loss_is_the_suffix_only_per_example_mean_and_ignores_prefix_labels():
     np.testing.assert_array_equal(float(task.loss(model, changed)[0]), float(loss))
 
 
-def test_cached_decoding_equals_recomputation():
+def test_cached_decoding_equals_recomputation_and_ignores_prompt_padding():
+    """Cached greedy decoding equals recomputation; a row's answer does not depend on the left padding its prompt
+    gets in a batch, with sliding-window layers (window 4) shorter than the context."""
     config = vlm_config()
+    config.model.lm.window = 4
     task, model = build(config)
     rng = np.random.default_rng(3)
-    prompt = jnp.asarray([[0, 3, 9, 12], [3, 5, 6, 7]], jnp.int32)  # right-aligned: left padding in row 0
-    inputs = {"image": jnp.asarray(rng.integers(0, 256, (2, 16, 16, 3)), jnp.uint8), "prompt": prompt}
-    cached = generate(lambda x: task.prefill(model, x, 6), lambda c, t: task.extend(model, c, t), inputs,
-                      max_new_tokens=6, eos_id=1)
+    image = jnp.asarray(rng.integers(0, 256, (2, 16, 16, 3)), jnp.uint8)
+    inputs = {"image": image, "prompt": jnp.asarray([[0, 3, 9, 12], [3, 5, 6, 7]], jnp.int32)}  # row 0 padded
+
+    def decode(inputs):
+        return np.asarray(generate(lambda x: task.prefill(model, x, 6), lambda c, t: task.extend(model, c, t),
+                                   inputs, max_new_tokens=6, eos_id=1))
+    cached = decode(inputs)
     recomputed = greedy_by_recomputation(lambda x, t: task.forward(model, x, t), inputs, bos_id=3,
                                          max_new_tokens=6, eos_id=1)
     np.testing.assert_array_equal(cached, recomputed)
-    assert len(set(np.asarray(cached).ravel().tolist())) > 1
+    assert len(set(cached.ravel().tolist())) > 1
+    alone = decode({"image": image[:1], "prompt": jnp.asarray([[3, 9, 12]], jnp.int32)})
+    np.testing.assert_array_equal(cached[:1], alone)
 
 
 def test_prior_weights_follow_the_paper():

@@ -31,6 +31,9 @@ def bench_decode(config: ml_collections.ConfigDict, tokens: int, batch: int, rep
     params = init_train_state(layout, config.seed)["params"]
     size = config.model.image.image_size
     images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    if getattr(task, "takes_prompt", False):  # a decoder-only VLM answers its captioning prompt
+        prompt = task.prompt_ids()
+        images = {"image": images, "prompt": np.broadcast_to(prompt, (batch, len(prompt)))}
 
     def cached(params, images):
         model = layout.merge(params)

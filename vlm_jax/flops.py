@@ -104,12 +104,20 @@ def gemma_forward_flops(tokens: int, lm) -> int:
     return lm.depth * per_layer + 2 * tokens * lm.width * lm.vocab_size
 
 
-def vlm_train_flops_per_sample(model: ml_collections.ConfigDict, images: int, length: int) -> int:
-    """Training FLOPs for one row of the decoder-only VLM: `images` ViT passes, their projection and the LM over
-    `length` positions."""
+def vlm_train_flops_per_sample(model: ml_collections.ConfigDict, images: int, length: int,
+                               image_frozen: bool = False) -> int:
+    """Training FLOPs for one row of the decoder-only VLM: `images` ViT passes (forward only when frozen), their
+    projection, the LM over `length` positions, and with PRIOR the frozen reference LM's forward pass."""
+    from vlm_jax.tasks.prior import reference_model_config
     from vlm_jax.tasks.towers import gemma_config, vit_config
     image = vit_config(model, pool="none")
     lm = gemma_config(model).spec()
     patches = (image.image_size // parse_variant(image.variant)[1]) ** 2
-    projector = 2 * patches * image.encoder_spec().width * lm.width * (1 if model.vlm.projector == "linear" else 2)
-    return 3 * (images * (vit_forward_flops(image) + projector) + gemma_forward_flops(length, lm))
+    projector = 2 * patches * image.encoder_spec().width * lm.width
+    if model.vlm.projector == "mlp":
+        projector += 2 * patches * lm.width * lm.width
+    total = (1 if image_frozen else 3) * images * vit_forward_flops(image)
+    total += 3 * (images * projector + gemma_forward_flops(length, lm))
+    if model.vlm.prior_reference is not None:
+        total += gemma_forward_flops(length, gemma_config(reference_model_config(model.vlm.prior_reference)).spec())
+    return total

@@ -4,13 +4,13 @@ Gemma-2B language model (18 layers, width 2,048, multi-query attention, GeGLU 16
 Gemma's 256k plus 1,024 location and 128 segmentation tokens). Rows are [256 image tokens][BOS prefix ";"][suffix
 EOS][pad] with 128 text tokens: the image and prefix attend to each other, the suffix is causal, and the loss is
 on the suffix only. bfloat16 compute, full remat, scanned layers, the Pallas prefix-LM kernel for every attention.
-Stage-1 style optimisation: AdamW lr 1e-4 (cosine, 1k warmup), no weight decay on embeddings, clipping at 1.
+Stage-1 style optimisation: AdamW lr 1e-4 (cosine, 1k warmup), beta2 0.999, no weight decay, clipping at 1.
 
     python -m vlm_jax.train --config=configs/paper/paligemma_224.py:SHARDS,TOKENIZER --workdir=gs://BUCKET/pg224
 
 The argument: "train shards,tokenizer.model" (default: LAION-style placeholders under gs://); the tokenizer must have
-this project's ids (0 pad, 1 EOS, 3 BOS). Start the towers from earlier runs with `init_from` (see
-configs/demo/vlm_tiny_lit.py). A pod recipe: its train step is compiled for v5p-256 (128 chips, data 16 x fsdp 8)
+this project's ids (0 pad, 1 EOS, 3 BOS). Start the towers from earlier runs with `init_from` (as
+configs/demo/vlm_tiny.py does). A pod recipe: its train step is compiled for v5p-256 (128 chips, data 16 x fsdp 8)
 in the test suite (tests/test_tpu_train_steps.py); the README gives the TPU compiler's HBM per device.
 """
 

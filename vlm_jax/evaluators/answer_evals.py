@@ -18,6 +18,7 @@ import numpy as np
 from data_pipelines.samples import SampleError
 from data_pipelines.tokenizer import Tokenizer
 from data_pipelines.vlm_examples import render, template_fields
+from vlm_jax.config import ConfigError
 from vlm_jax.decoding import SamplingConfig
 from vlm_jax.evaluators.caption_metrics import normalize_caption
 from vlm_jax.evaluators.common import Evaluator, apply_in_batches
@@ -28,7 +29,7 @@ def _questions(settings: dict[str, Any], name: str) -> dict[str, dict[str, str]]
     questions = settings.get("questions")
     if not isinstance(questions, dict) or not questions or not all(
             isinstance(q, dict) and set(q) == {"prompt", "answer"} for q in questions.values()):
-        raise ValueError(f"evaluation {name!r}: questions must be {{name: {{'prompt': text, 'answer': template}}}}")
+        raise ConfigError(f"evaluation {name!r}: questions must be {{name: {{'prompt': text, 'answer': template}}}}")
     return questions
 
 
@@ -48,6 +49,13 @@ class AnswersEvaluator(Evaluator):
     def __init__(self, spec, env, data):
         super().__init__(spec, env, data)
         self.questions = _questions(self.options, spec.name)
+        limit = self.options["max_images"]
+        if limit is not None and limit < 1:
+            raise ConfigError(f"evaluation {spec.name!r}: max_images must be >= 1 (or None)")
+        for name, question in self.questions.items():
+            if not any(ref is not None for ref in self.references(question["answer"])):
+                raise ConfigError(f"evaluation {spec.name!r}: no image of the split has the fields of question "
+                                  f"{name!r}'s answer {question['answer']!r}")
         settings = DecodeSettings(max_new_tokens=int(self.options["max_new_tokens"]), sampling=SamplingConfig())
         self.decoders = {name: make_caption_decoder(env.task, env.layout, env.mesh, settings, q["prompt"])
                          for name, q in self.questions.items()}
@@ -71,9 +79,6 @@ class AnswersEvaluator(Evaluator):
         for name, question in self.questions.items():
             references = self.references(question["answer"])
             rows = np.flatnonzero([ref is not None for ref in references])[:self.options["max_images"]]
-            if not len(rows):
-                raise ValueError(f"evaluation {self.spec.name!r}: no image has the fields of answer "
-                                 f"{question['answer']!r}")
             tokens = apply_in_batches(lambda image: self.decoders[name](params, image, 0), self.data.images[rows],
                                       self.env.batch_size, self.env.sharding)
             answers = [normalize_caption(self.tokenizer.decode(row)) for row in tokens]

@@ -9,7 +9,7 @@ import os
 import ml_collections
 import numpy as np
 
-from data_pipelines import eval_split, input_pipeline
+from data_pipelines import eval_split, input_pipeline, vlm_examples
 from vlm_jax.config import ConfigError
 
 
@@ -42,8 +42,11 @@ class EvalData:
 def eval_preprocessing(config: ml_collections.ConfigDict) -> str:
     """`config.data.pp_eval`, or a centre crop with training's pixel value range (default_pp_eval)."""
     data, image_size = config.data, config.model.image.image_size
-    pp_train = data.pp_train or input_pipeline.default_pp_train(image_size, config.model.text.max_len)
-    return data.pp_eval or eval_split.default_pp_eval(image_size, pp_train)
+    if data.vlm is not None:  # VLM rows are whole images resized (PaliGemma): evaluate them the same way
+        default = vlm_examples.default_pp_vlm(image_size)
+    else:
+        default = input_pipeline.default_pp_train(image_size, config.model.text.max_len)
+    return data.pp_eval or eval_split.default_pp_eval(image_size, data.pp_train or default)
 
 
 def load_eval_data(config: ml_collections.ConfigDict, source: str | None = None, *,

@@ -71,14 +71,14 @@ def make_caption_decoder(task, layout: StateLayout, mesh: Mesh, settings: Decode
     """(params, images [B,H,W,3], call index) -> caption ids [B, max_new_tokens] (EOS, then padding), jitted with
     the KV cache; sampling draws from fold_in(key(settings.seed), call index), so every batch gets its own
     randomness. A task that takes a prompt (a decoder-only VLM) gets `prompt` after every image (default: the
-    task's captioning prompt). A one-line ValueError when the length does not fit the decoder's position table
-    or the beam is not positive."""
+    task's captioning prompt). A one-line ValueError when the length exceeds what the task decodes (its
+    `decode_limit` says why) or the beam is not positive."""
     if settings.beam < 1:
         raise ValueError(f"beam must be >= 1, got {settings.beam}")
     limit = task.max_decode_len()
     if not 0 < settings.max_new_tokens <= limit:
-        raise ValueError(f"decode length {settings.max_new_tokens} is outside 1..{limit}: the decoder's position "
-                         f"table holds model.text.max_len = {limit} tokens (BOS and all but the last new one)")
+        raise ValueError(f"decode length {settings.max_new_tokens} is outside 1..{limit}: "
+                         f"{getattr(task, 'decode_limit', 'the longest text the task was trained on')}")
     cache_len = settings.max_new_tokens  # BOS and every new token but the last
 
     prompt_ids = task.prompt_ids(prompt) if getattr(task, "takes_prompt", False) else None

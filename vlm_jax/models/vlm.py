@@ -1,7 +1,7 @@
 """Decoder-only vision-language model (PaliGemma / LLaVA / SimVLM family): ViT patch tokens, projected to the LM's
 width, take their places in the LM's input sequence; the LM is a Gemma-architecture decoder (models/gemma.py).
 
-The input is a row of positions built on the host (data_pipelines/vlm_rows.py): text ids, image slots (which
+The input is a row of positions built on the host (data_pipelines/packing.py): text ids, image slots (which
 image token sits at a position), segment ids (packed examples; 0 is padding), positions restarting per example
 (RoPE) and each position's prefix end (its example's image + prefix + separator part is bidirectional, the rest
 causal). The attention mask is a `MaskSpec` the kernels evaluate per block: causal, with each query's prefix end
@@ -67,8 +67,7 @@ class VisionLanguageModel(nnx.Module):
         """Every image's tokens in the LM's width, flattened per row: [B, I * N, D]."""
         rows, per_row = images_BxIxHxWx3.shape[:2]
         tokens = self.image_encoder(images_BxIxHxWx3.reshape(rows * per_row, *images_BxIxHxWx3.shape[2:]))
-        tokens_BxIxNxD = self.projector(tokens).reshape(rows, per_row * tokens.shape[1], -1)
-        return tokens_BxIxNxD
+        return self.projector(tokens).reshape(rows, per_row * tokens.shape[1], -1)
 
     def embed(self, tokens_BxS: jax.Array, image_slot_BxS: jax.Array, image_tokens_BxMxD: jax.Array) -> jax.Array:
         """LM inputs: the image token named by each position's slot, else the (scaled) text embedding."""
@@ -79,7 +78,7 @@ class VisionLanguageModel(nnx.Module):
         return constrain(x_BxSxD, ("activation_batch", "activation_length", "activation_embed"))
 
     def __call__(self, batch: dict[str, jax.Array]) -> jax.Array:
-        """float32 logits [B, S, V] of every position of a row batch (the format of data_pipelines/vlm_rows.py)."""
+        """float32 logits [B, S, V] of every position of a row batch (the format of data_pipelines/packing.py)."""
         x_BxSxD = self.embed(batch["tokens"], batch["image_slot"], self.encode_images(batch["images"]))
         hidden = self.lm(x_BxSxD, batch["positions"], sequence_mask(batch["segment_ids"], batch["prefix_end"]))
         return self.lm.logits(hidden)

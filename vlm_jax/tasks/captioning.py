@@ -30,6 +30,7 @@ class CaptionPredictions:
 
     predictions = ("score", "decode")
     bos_id, eos_id = BOS_ID, EOS_ID
+    decode_limit = "the decoder's position table holds model.text.max_len tokens (BOS and all but the last new one)"
 
     @staticmethod
     def encode_context(model, image_BxHxWx3: jax.Array) -> jax.Array:

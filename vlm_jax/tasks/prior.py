@@ -37,10 +37,11 @@ def reference_model_config(reference_workdir: str) -> ml_collections.ConfigDict:
 def check_prior_config(config: ml_collections.ConfigDict) -> None:
     """The reference LM must be copied in from its run and frozen; one line saying what is missing."""
     reference = config.model.vlm.prior_reference
-    sources = config.init_from or {}
-    if PRIOR_MODULE not in sources:
-        raise ConfigError(f"model.vlm.prior_reference is set: add init_from['{PRIOR_MODULE}'] = "
-                          f"{{'workdir': {reference!r}, 'params': 'lm'}} so the reference LM is loaded")
+    source = dict((config.init_from or {}).get(PRIOR_MODULE) or {})
+    if source.get("workdir") != reference:
+        raise ConfigError(f"model.vlm.prior_reference is {reference!r}: set init_from['{PRIOR_MODULE}'] = "
+                          f"{{'workdir': {reference!r}, 'params': 'lm'}} so the reference LM's weights come from "
+                          f"the same run (now: {source.get('workdir')!r})")
     if not config.optim.freeze or not re.search(config.optim.freeze, f"{PRIOR_MODULE}/"):
         raise ConfigError(f"model.vlm.prior_reference is set: optim.freeze must match '^{PRIOR_MODULE}/' so the "
                           "reference LM stays frozen")

@@ -3,7 +3,7 @@ positions, several examples per row when packed.
 
 Each example is [image tokens][BOS prefix separator][suffix EOS]; the image and prefix part is bidirectional, the
 suffix causal, and the loss falls on the suffix only: per example the mean over its suffix tokens, then the mean
-over the batch's examples. The host builds the rows (data_pipelines/vlm_rows.py) with a weight per position
+over the batch's examples. The host builds the rows (data_pipelines/packing.py) with a weight per position
 (1 / the example's supervised tokens), so that mean is sum(weights * nll) / sum(weights) for packed and unpacked
 rows alike.
 
@@ -11,6 +11,8 @@ Shape key: B rows, S positions, V vocabulary, I images per row, P prompt tokens,
 """
 
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +74,7 @@ class VlmTask:
     default_evals = ("captioning",)
     bos_id, eos_id = BOS_ID, EOS_ID
     takes_prompt = True  # decoders feed a prompt after the image (evaluators/predict.py)
+    decode_limit = "an answer holds at most data.vlm.text_len tokens, as in training"
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None = None):
         self.config, self.mesh = config, mesh
@@ -87,8 +90,11 @@ class VlmTask:
                 for key in ROW_KEYS}
 
     def train_flops_per_sample(self) -> int:
+        """Per row; a frozen image tower (optim.freeze matching "image_encoder/") runs forward only."""
         images, length = row_shapes(self.config)
-        return vlm_train_flops_per_sample(self.config.model, images, length)
+        freeze = self.config.optim.freeze
+        frozen = bool(freeze) and re.search(freeze, "image_encoder/") is not None
+        return vlm_train_flops_per_sample(self.config.model, images, length, image_frozen=frozen)
 
     def build_model(self, rngs: nnx.Rngs) -> VisionLanguageModel:
         m = self.config.model
@@ -131,11 +137,16 @@ class VlmTask:
     def prompt_context(self, model: VisionLanguageModel, inputs: dict[str, jax.Array]
                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(LM inputs [B, N + P, D], validity [B, N + P], positions [B, N + P]) of each row's image and its
-        right-aligned prompt (padding on the left of the prompt: every row's prompt ends at the same index)."""
+        right-aligned prompt. A prompt's left padding is moved in front of the image ([pad][image][prompt]), so
+        every row's real tokens are contiguous and end at the same index: cache slots then differ exactly as
+        positions do, which sliding-window layers rely on."""
         image_tokens = model.encode_images(inputs["image"][:, None])
         prompt_BxP = inputs["prompt"]
         x = jnp.concatenate([image_tokens.astype(model.lm.dtype), model.lm.embed(prompt_BxP)], axis=1)
         valid = jnp.concatenate([jnp.ones(image_tokens.shape[:2], bool), prompt_BxP != PAD_ID], axis=1)
+        order = jnp.argsort(valid, axis=1, stable=True)  # padding first, real tokens in their order
+        x = jnp.take_along_axis(x, order[..., None], axis=1)
+        valid = jnp.take_along_axis(valid, order, axis=1)
         positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
         return x, valid, positions
 
@@ -182,6 +193,6 @@ def check_vlm_config(config: ml_collections.ConfigDict) -> None:
                           f"at {image.image_size} px) gives {grid * grid} tokens per image")
     if options.row_length > m.lm.max_len:
         raise ConfigError(f"rows of {options.row_length} positions (image tokens and text) exceed model.lm.max_len "
-                          f"{m.lm.max_len}: the model cannot hold that many image tokens")
+                          f"{m.lm.max_len}, the longest sequence this model is configured for")
     if m.vlm.prior_reference is not None:
         check_prior_config(config)
