@@ -181,20 +181,26 @@ def test_eight_devices_match_one_device(one_device_vlm):
     assert_same_history(history_of_vlm(vlm_config(pack=True, **mesh), jax.devices()), one_device_vlm)
 
 
-def contrastive_workdir(tmp_path, width=None):
-    """A contrastive run's workdir (saved config and a checkpoint of its initial state): a GAP-pooled image tower."""
+def saved_run(config, workdir, seed=7, step=1):
+    """A workdir as training leaves it (saved config, a checkpoint of the seed's initial state); (layout, state)."""
     from vlm_jax import checkpoint
     from vlm_jax.config import save_config
+    layout, _, _ = setup(config, jax.devices()[:1])
+    state = init_train_state(layout, seed)
+    save_config(config, workdir / "config.json")
+    manager = checkpoint.make_manager(str(workdir), 1)
+    assert checkpoint.save(manager, step, state, None)
+    manager.wait_until_finished()
+    manager.close()
+    return layout, state
+
+
+def contrastive_workdir(tmp_path, width=None):
+    """A contrastive run's workdir with a GAP-pooled image tower; returns its model."""
     config = tiny_config()
     config.model.image.pool = "gap"
     config.model.image.width = width
-    layout, _, _ = setup(config, jax.devices()[:1])
-    state = init_train_state(layout, 7)
-    save_config(config, tmp_path / "config.json")
-    manager = checkpoint.make_manager(str(tmp_path), 1)
-    assert checkpoint.save(manager, 1, state, None)
-    manager.wait_until_finished()
-    manager.close()
+    layout, state = saved_run(config, tmp_path)
     return layout.merge(state["params"])
 
 
@@ -279,16 +285,7 @@ def test_prior_weighting_changes_the_loss_as_specified(tmp_path):
 
 
 def test_initialising_the_lm_from_another_run_copies_it(tmp_path):
-    from vlm_jax import checkpoint
-    from vlm_jax.config import save_config
-    source = vlm_config()
-    layout, _, _ = setup(source, jax.devices()[:1])
-    state = init_train_state(layout, 5)
-    save_config(source, tmp_path / "config.json")
-    manager = checkpoint.make_manager(str(tmp_path), 1)
-    assert checkpoint.save(manager, 3, state, None)
-    manager.wait_until_finished()
-    manager.close()
+    _, state = saved_run(vlm_config(), tmp_path, seed=5, step=3)
     config = vlm_config()
     config.init_from = {"lm": {"workdir": str(tmp_path), "params": "lm"}}
     _, copied = bootstrapped(config)
