@@ -9,7 +9,7 @@ from flax import nnx
 
 from data_pipelines.packing import RowLayout, make_row
 from data_pipelines.preprocess import COUNTERS, SKIPPED_KEY
-from vlm_jax.decoding import generate, greedy_by_recomputation
+from vlm_jax.decoding import beam_search, generate, greedy_by_recomputation
 from vlm_jax.models.vlm import sequence_mask
 from vlm_jax.tasks import get_task
 from vlm_jax.parallel.sharding import to_global_batch
@@ -141,6 +141,12 @@ def test_cached_decoding_equals_recomputation_and_ignores_prompt_padding():
     assert len(set(cached.ravel().tolist())) > 1
     alone = decode({"image": image[:1], "prompt": jnp.asarray([[3, 9, 12]], jnp.int32)})
     np.testing.assert_array_equal(cached[:1], alone)
+    beam = beam_search(lambda x: task.prefill(model, x, 6), lambda c, t: task.extend(model, c, t), inputs,
+                       beam_size=1, max_new_tokens=6, eos_id=1, length_penalty=0.0)
+    np.testing.assert_array_equal(np.asarray(beam), cached)
+    wide = beam_search(lambda x: task.prefill(model, x, 6), lambda c, t: task.extend(model, c, t), inputs,
+                       beam_size=3, max_new_tokens=6, eos_id=1)  # the cache is tiled and reordered per beam
+    assert wide.shape == (2, 6)
 
 
 def test_prior_weights_follow_the_paper():
