@@ -129,7 +129,7 @@ def test_generative_requests_on_a_contrastive_workdir_fail_in_one_line(workdirs,
     config = load_saved_config(root / "finite" / "config.json")
     for name, evals, expected in (
             ("caption", {"captioning": {}}, "evaluator 'captioning' (captioning) needs a model that can decode "
-                                            "captions (a generative task: captioning or coca); this workdir's "
+                                            "captions (a generative task: captioning, coca or vlm); this workdir's "
                                             "task is 'contrastive'"),
             ("scores", {"zs": {"type": "scoring_classifier"}}, "task is 'contrastive'"),
             ("unknown", {"bleu": {}}, "config.evals['bleu']: unknown evaluator type 'bleu'"),

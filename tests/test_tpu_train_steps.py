@@ -67,7 +67,7 @@ def test_paper_recipe_step_compiles_for_tpu(config_path):
 def test_prior_step_with_its_frozen_reference_lm_compiles_for_tpu(tmp_path):
     from vlm_jax.config import save_config
     save_config(load_config(os.path.join(ROOT, "configs/demo/lm_tiny.py")), tmp_path / "config.json")
-    compiled = compile_step(PRIOR, devices("v5p"), [f"model.vlm.prior_reference={tmp_path}"])
+    compiled = compile_step(f"{PRIOR}:demo_out/data,,{tmp_path}", devices("v5p"))  # the reference run: tmp_path
     assert compiled.memory_analysis().argument_size_in_bytes > 0
 
 
