@@ -28,7 +28,7 @@ from flax import nnx
 
 from vlm_jax.kernels.attention import dot_product_attention
 from vlm_jax.kernels.masks import MaskSpec
-from vlm_jax.models.layers import LAYERS_AXIS, REMAT_POLICIES, RESIDUAL_AXES, TowerOptions, partitioned
+from vlm_jax.models.layers import LAYERS_AXIS, REMAT_POLICIES, TowerOptions, partitioned, run_stack
 from vlm_jax.parallel.sharded_attention import sharded_attention
 from vlm_jax.parallel.sharding import constrain
 
@@ -276,26 +276,10 @@ class GemmaLM(nnx.Module):
         return logits if cap is None else cap * jnp.tanh(logits / cap)
 
     def _layers(self, step, x_BxLxD: jax.Array, per_layer: Any, remat: bool = False) -> tuple[jax.Array, Any]:
-        """`step(block, x, layer_inputs) -> (x, out)` through the stack; `per_layer` and the outs have layers
-        on axis 0. Blocks run as split state under jax.lax.scan / jax.checkpoint (see layers.Encoder)."""
+        """`step(block, x, layer_inputs) -> (x, out)` through the stack (layers.run_stack); rematerialised by the
+        config's policy when `remat`."""
         policy = REMAT_POLICIES.get(self.spec.remat) if remat else None
-
-        def layer_fn(graphdef):
-            def run(x, state, inputs):
-                x, out = step(nnx.merge(graphdef, state), x, inputs)
-                return constrain(x, RESIDUAL_AXES), out
-            return run if policy is None else jax.checkpoint(run, policy=policy)
-
-        if self.spec.scan:
-            graphdef, stacked = nnx.split(self.blocks)
-            run = layer_fn(graphdef)
-            return jax.lax.scan(lambda x, inputs: run(x, *inputs), x_BxLxD, (stacked, per_layer))
-        outs = []
-        for index, block in enumerate(self.blocks):
-            graphdef, state = nnx.split(block)
-            x_BxLxD, out = layer_fn(graphdef)(x_BxLxD, state, jax.tree.map(lambda a: a[index], per_layer))
-            outs.append(out)
-        return x_BxLxD, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        return run_stack(self.blocks, self.spec.scan, policy, step, x_BxLxD, per_layer)
 
     def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, mask: MaskSpec) -> jax.Array:
         """Hidden states [B, L, D] after the final norm. `mask` comes from the caller; local layers replace its

@@ -190,28 +190,37 @@ class Encoder(nnx.Module):
         self.ln_final = layer_norm(spec.width, spec.dtype, rngs)
 
     def __call__(self, x_BxNxD: jax.Array, *context) -> jax.Array:
-        def apply_block(block, x):
-            return constrain(block(x, *context), RESIDUAL_AXES)
+        def step(block, x, _):
+            return block(x, *context), None
 
-        # Blocks run as split state under jax.lax.scan / jax.checkpoint rather than NNX transforms: decoders and
-        # evaluators call stacks inside jax loops on a model built outside them, and NNX transforms refuse
-        # modules from an outer trace.
-        policy = REMAT_POLICIES.get(self.spec.remat)
-
-        def layer_fn(graphdef):
-            def run(x, state):
-                return apply_block(nnx.merge(graphdef, state), x)
-            return run if policy is None else jax.checkpoint(run, policy=policy)
-
-        if self.spec.scan:
-            graphdef, stacked = nnx.split(self.blocks)
-            run_layer = layer_fn(graphdef)
-            x_BxNxD, _ = jax.lax.scan(lambda x, state: (run_layer(x, state), None), x_BxNxD, stacked)
-        else:
-            for block in self.blocks:
-                graphdef, state = nnx.split(block)
-                x_BxNxD = layer_fn(graphdef)(x_BxNxD, state)
+        x_BxNxD, _ = run_stack(self.blocks, self.spec.scan, REMAT_POLICIES.get(self.spec.remat), step, x_BxNxD)
         return self.ln_final(x_BxNxD)
+
+
+def run_stack(blocks, scan: bool, policy, step, x: jax.Array, per_layer: Any = None) -> tuple[jax.Array, Any]:
+    """`step(block, x, layer_inputs) -> (x, out)` through a stack of blocks (stacked on axis 0 when `scan`), the
+    residual stream constrained to RESIDUAL_AXES after each; `per_layer` inputs and the stacked outs have layers
+    on axis 0. `policy`: a jax.checkpoint policy (rematerialise each block) or None.
+
+    Blocks run as split state under jax.lax.scan / jax.checkpoint rather than NNX transforms: decoders and
+    evaluators call stacks inside jax loops on a model built outside them, and NNX transforms refuse modules from
+    an outer trace."""
+    def layer_fn(graphdef):
+        def run(x, state, inputs):
+            x, out = step(nnx.merge(graphdef, state), x, inputs)
+            return constrain(x, RESIDUAL_AXES), out
+        return run if policy is None else jax.checkpoint(run, policy=policy)
+
+    if scan:
+        graphdef, stacked = nnx.split(blocks)
+        run = layer_fn(graphdef)
+        return jax.lax.scan(lambda x, inputs: run(x, *inputs), x, (stacked, per_layer))
+    outs = []
+    for index, block in enumerate(blocks):
+        graphdef, state = nnx.split(block)
+        x, out = layer_fn(graphdef)(x, state, jax.tree.map(lambda a: a[index], per_layer))
+        outs.append(out)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
 
 class MapHead(nnx.Module):
