@@ -28,7 +28,7 @@ from flax import nnx
 
 from vlm_jax.kernels.attention import dot_product_attention
 from vlm_jax.kernels.masks import MaskSpec
-from vlm_jax.models.layers import LAYERS_AXIS, REMAT_POLICIES, TowerOptions, partitioned, run_stack
+from vlm_jax.models.layers import REMAT_POLICIES, TowerOptions, build_stack, partitioned, run_stack
 from vlm_jax.parallel.sharded_attention import sharded_attention
 from vlm_jax.parallel.sharding import constrain
 
@@ -245,15 +245,7 @@ class GemmaLM(nnx.Module):
         self.embedder = nnx.Embed(
             spec.vocab_size, spec.width, dtype=spec.dtype, param_dtype=jnp.float32, rngs=rngs,
             embedding_init=partitioned(nnx.initializers.normal(0.01), ("vocab", "embed")))
-        if spec.scan:
-            @nnx.split_rngs(splits=spec.depth)
-            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
-            def make_stack(rngs):
-                return GemmaBlock(spec, rngs)
-
-            self.blocks = make_stack(rngs)
-        else:
-            self.blocks = nnx.List([GemmaBlock(spec, rngs) for _ in range(spec.depth)])
+        self.blocks = build_stack(spec.depth, spec.scan, lambda rngs: GemmaBlock(spec, rngs), rngs)
         self.final_norm = RMSNorm(spec.width, ("embed",), rngs)
 
     @property

@@ -178,15 +178,7 @@ class Encoder(nnx.Module):
 
     def __init__(self, spec: EncoderSpec, rngs: nnx.Rngs, make_block=EncoderBlock):
         self.spec = spec
-        if spec.scan:
-            @nnx.split_rngs(splits=spec.depth)
-            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
-            def make_stack(rngs):
-                return make_block(spec, rngs)
-
-            self.blocks = make_stack(rngs)
-        else:
-            self.blocks = nnx.List([make_block(spec, rngs) for _ in range(spec.depth)])
+        self.blocks = build_stack(spec.depth, spec.scan, lambda rngs: make_block(spec, rngs), rngs)
         self.ln_final = layer_norm(spec.width, spec.dtype, rngs)
 
     def __call__(self, x_BxNxD: jax.Array, *context) -> jax.Array:
@@ -195,6 +187,20 @@ class Encoder(nnx.Module):
 
         x_BxNxD, _ = run_stack(self.blocks, self.spec.scan, REMAT_POLICIES.get(self.spec.remat), step, x_BxNxD)
         return self.ln_final(x_BxNxD)
+
+
+def build_stack(depth: int, scan: bool, make_block, rngs: nnx.Rngs):
+    """`depth` blocks from `make_block(rngs)`: one module with every parameter stacked on a leading "layers" axis
+    when `scan` (for run_stack's jax.lax.scan), else an nnx.List."""
+    if not scan:
+        return nnx.List([make_block(rngs) for _ in range(depth)])
+
+    @nnx.split_rngs(splits=depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+    def make_stack(rngs):
+        return make_block(rngs)
+
+    return make_stack(rngs)
 
 
 def run_stack(blocks, scan: bool, policy, step, x: jax.Array, per_layer: Any = None) -> tuple[jax.Array, Any]:
