@@ -146,6 +146,52 @@ def _load_file(path: str) -> dict[str, np.ndarray]:
     return {name: to_numpy(tensor) for name, tensor in load_file(path).items()}
 
 
+class TensorReader:
+    """Hands out a state dict's tensors by name and keeps the key-by-key account of an import: every key loaded,
+    missing, of another shape than expected, or never asked for (unexpected)."""
+
+    def __init__(self, tensors: dict[str, np.ndarray], source: str):
+        self.tensors, self.source = tensors, source
+        self.loaded: list[str] = []
+        self.missing: list[str] = []
+        self.mismatched: list[str] = []
+
+    def take(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray | None:
+        """The tensor `name` (checked against `shape` when given); None, recorded, when absent or mismatched."""
+        if name not in self.tensors:
+            self.missing.append(name)
+            return None
+        tensor = self.tensors[name]
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            self.mismatched.append(f"{name}: {tuple(tensor.shape)} in the folder, {tuple(shape)} expected")
+            return None
+        self.loaded.append(name)
+        return tensor
+
+    @property
+    def unexpected(self) -> list[str]:
+        used = set(self.loaded) | set(self.missing) | {m.split(":")[0] for m in self.mismatched}
+        return sorted(set(self.tensors) - used)
+
+    def report(self) -> list[str]:
+        """One line per key, then a summary line."""
+        lines = [f"loaded      {name} {tuple(self.tensors[name].shape)}" for name in self.loaded]
+        lines += [f"missing     {name}" for name in self.missing]
+        lines += [f"mismatched  {line}" for line in self.mismatched]
+        lines += [f"unexpected  {name}" for name in self.unexpected]
+        lines.append(f"{self.source}: {len(self.loaded)} loaded, {len(self.missing)} missing, "
+                     f"{len(self.mismatched)} mismatched, {len(self.unexpected)} unexpected")
+        return lines
+
+    def check(self) -> None:
+        """A one-line ConfigError unless every key was loaded and none is left over."""
+        problems = {"missing": self.missing, "mismatched": self.mismatched, "unexpected": self.unexpected}
+        bad = {kind: keys for kind, keys in problems.items() if keys}
+        if bad:
+            raise ConfigError(f"{self.source} does not match this model: " + "; ".join(
+                f"{len(keys)} {kind} (first: {keys[0]})" for kind, keys in bad.items()))
+
+
 def _leaves(tree: Any):
     if isinstance(tree, dict):
         for value in tree.values():
