@@ -6,8 +6,8 @@ The geometry and value range follow `vlm_jax.evaluators.data.eval_preprocessing(
   [decode(..)|]resize_small(S)[|center_crop(C)]
 then uint8 -> [-1, 1] (the model's own mapping), or the spec's value_range(low, high) / normalize(mean, std).
 
-transformers cannot do two things our pipeline does, so pixels differ even though the geometry is the same:
-JPEGs are decoded at a reduced DCT scale (simplejpeg, M/8) and resized with OpenCV (bilinear without antialiasing,
+transformers cannot reproduce three things our pipeline does, so pixels differ though the geometry is the same:
+JPEGs are decoded at a reduced DCT scale (simplejpeg, M/8), resized with OpenCV (bilinear without antialiasing,
 area when shrinking > 2x), and the centre crop is taken before the resize; transformers decodes at full size
 (Pillow), resizes with Pillow's antialiased filters, then crops. BICUBIC is the closest Pillow filter to OpenCV's
 resize. On photo-like 300x300 .. 1024x683 JPEGs the difference is 0.012-0.039 mean, 0.34-0.93 max (in [-1, 1]);
