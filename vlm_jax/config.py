@@ -51,6 +51,7 @@ CHOICES = {
     "model.decoder.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.lm.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.vlm.projector": ("linear", "mlp"),
+    "model.arch": ("big_vision", "clip"),
     "optim.moments_dtype": ("float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
     "optim.name": ("adamw", "adafactor"),
@@ -95,6 +96,13 @@ def base_config() -> ml_collections.ConfigDict:
     # (shard_map; never B x B logits per device). "global": the plain loss, partitioned by XLA.
     c.model.loss_impl = "collective"
     c.model.embed_dim = 768
+    # The image and text towers' conventions: "big_vision" (SigLIP: tanh GELU, LayerNorm eps 1e-6, biased
+    # projections) or "clip" (OpenAI CLIP: quick GELU, eps 1e-5, a LayerNorm before the image encoder, no patch
+    # bias, a causal text tower, bias-free projections). Pools stay model.image.pool / model.text.pool: CLIP is
+    # "tok" and "eos". README, "Hugging Face" says which shapes export to which transformers class.
+    c.model.arch = "big_vision"
+    # False: the image embedding is the image tower's pooled output (SigLIP; model.embed_dim must equal its width).
+    c.model.image_projection = True
     c.model.dtype = "float32"
     c.model.scan = False
     c.model.attention_impl = "auto"
@@ -107,7 +115,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.text.size = "B"
     c.model.text.vocab_size = 32_000
     c.model.text.max_len = 64
-    c.model.text.pool = "last"
+    c.model.text.pool = "last"  # "last", "first", "mean" or "eos" (the first EOS token, with a causal tower)
+    c.model.text.eos_id = 1  # the tokenizer's EOS id (pool "eos"); tokenizers trained here use 1
     # Generative tasks (captioning, coca): the text decoder. Its vocabulary and length are model.text's.
     c.model.decoder = ml_collections.ConfigDict()
     c.model.decoder.size = "B"

@@ -62,7 +62,7 @@ def two_towers_train_flops_per_sample(model: ml_collections.ConfigDict, image_fr
     image_tokens = patches + (image.pool == "tok")
     image_forward = (2 * patches * patch * patch * 3 * img.width
                      + encoder_forward_flops(image_tokens, img.width, img.depth, img.mlp_dim)
-                     + 2 * img.width * model.embed_dim)
+                     + 2 * img.width * model.embed_dim * model.image_projection)
     if image.pool == "map":
         image_forward += 2 * (2 * patches * 2 * img.width * img.width + 2 * 2 * img.width * img.width
                               + 2 * 2 * img.width * img.mlp_dim + 2 * 2 * patches * img.width)

@@ -96,7 +96,7 @@ class AttentionPooler(nnx.Module):
         self.probe = nnx.Param(partitioned(nnx.initializers.normal(0.02), (None, "embed"))(
             rngs.params(), (num_queries, spec.width), jnp.float32))
         self.attn = MultiHeadAttention(spec.width, spec.num_heads, spec.dtype, rngs, spec.attention_impl)
-        self.ln = layer_norm(spec.width, spec.dtype, rngs)
+        self.ln = layer_norm(spec.width, spec.dtype, rngs, spec.norm_eps)
         self.dtype = spec.dtype
 
     def __call__(self, x_BxNxD: jax.Array) -> jax.Array:

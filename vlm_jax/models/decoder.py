@@ -58,13 +58,13 @@ class DecoderBlock(nnx.Module):
     """x + self_attn(ln(x)); x + cross_attn(ln(x), image); x + mlp(ln(x))."""
 
     def __init__(self, spec: EncoderSpec, image_width: int, rngs: nnx.Rngs):
-        self.ln_self = layer_norm(spec.width, spec.dtype, rngs)
+        self.ln_self = layer_norm(spec.width, spec.dtype, rngs, spec.norm_eps)
         self.self_attn = MultiHeadAttention(spec.width, spec.num_heads, spec.dtype, rngs, spec.attention_impl)
-        self.ln_cross = layer_norm(spec.width, spec.dtype, rngs)
+        self.ln_cross = layer_norm(spec.width, spec.dtype, rngs, spec.norm_eps)
         self.cross_attn = MultiHeadAttention(spec.width, spec.num_heads, spec.dtype, rngs, spec.attention_impl,
                                              kv_width=image_width)
-        self.ln_mlp = layer_norm(spec.width, spec.dtype, rngs)
-        self.mlp = MlpBlock(spec.width, spec.mlp_dim, spec.dtype, rngs)
+        self.ln_mlp = layer_norm(spec.width, spec.dtype, rngs, spec.norm_eps)
+        self.mlp = MlpBlock(spec.width, spec.mlp_dim, spec.dtype, rngs, spec.act)
 
     def __call__(self, x_BxLxD: jax.Array, image_BxNxE: jax.Array, mask: MaskSpec) -> jax.Array:
         x_BxLxD = x_BxLxD + self.self_attn(self.ln_self(x_BxLxD), mask=mask)

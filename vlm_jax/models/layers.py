@@ -24,6 +24,12 @@ LAYERS_AXIS = "layers"
 RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
+ACTIVATIONS = {  # the MLP non-linearity: big_vision / SigLIP use tanh GELU, OpenAI CLIP its quick GELU
+    "gelu_tanh": lambda x: nnx.gelu(x, approximate=True),
+    "gelu": lambda x: nnx.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
 REMAT_POLICIES = {  # what a rematerialised block keeps for the backward pass
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_saveable,
@@ -43,10 +49,14 @@ class EncoderSpec:
     scan: bool = False
     remat: str = "none"  # a key of REMAT_POLICIES
     attention_impl: str = "auto"
+    act: str = "gelu_tanh"  # a key of ACTIVATIONS
+    norm_eps: float = 1e-6
 
     def __post_init__(self):
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.act!r}; choose from {tuple(ACTIVATIONS)}")
 
 
 # name: (width, depth, mlp_dim, num_heads), as in the ViT, SigLIP and big_vision papers.
@@ -82,6 +92,8 @@ class TowerOptions:
     scan: bool = False
     remat: str = "none"
     attention_impl: str = "auto"
+    act: str = "gelu_tanh"
+    norm_eps: float = 1e-6
 
     def spec_for(self, size: str) -> EncoderSpec:
         """The encoder of the named `size` with this config's overrides applied."""
@@ -89,7 +101,7 @@ class TowerOptions:
         return EncoderSpec(
             width=self.width or width, depth=self.depth or depth, mlp_dim=self.mlp_dim or mlp_dim,
             num_heads=self.num_heads or heads, dtype=self.dtype, scan=self.scan, remat=self.remat,
-            attention_impl=self.attention_impl)
+            attention_impl=self.attention_impl, act=self.act, norm_eps=self.norm_eps)
 
 
 def partitioned(init, names: tuple[str | None, ...]):
@@ -97,31 +109,32 @@ def partitioned(init, names: tuple[str | None, ...]):
     return nnx.with_partitioning(init, names)
 
 
-def layer_norm(width: int, dtype: Dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def layer_norm(width: int, dtype: Dtype, rngs: nnx.Rngs, eps: float = 1e-6) -> nnx.LayerNorm:
     return nnx.LayerNorm(
-        width, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+        width, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
         scale_init=partitioned(nnx.initializers.ones_init(), ("embed",)),
         bias_init=partitioned(nnx.initializers.zeros_init(), ("embed",)))
 
 
 def dense(in_dim: int, out_dim: int, names: tuple[str, str], dtype: Dtype, rngs: nnx.Rngs,
-          kernel_init=nnx.initializers.xavier_uniform()) -> nnx.Linear:
+          kernel_init=nnx.initializers.xavier_uniform(), use_bias: bool = True) -> nnx.Linear:
     return nnx.Linear(
-        in_dim, out_dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+        in_dim, out_dim, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
         kernel_init=partitioned(kernel_init, names),
         bias_init=partitioned(nnx.initializers.zeros_init(), (names[1],)))
 
 
 class MlpBlock(nnx.Module):
-    """Dense -> GELU -> Dense."""
+    """Dense -> activation (a key of ACTIVATIONS) -> Dense."""
 
-    def __init__(self, width: int, mlp_dim: int, dtype: Dtype, rngs: nnx.Rngs):
+    def __init__(self, width: int, mlp_dim: int, dtype: Dtype, rngs: nnx.Rngs, act: str = "gelu_tanh"):
         self.fc1 = dense(width, mlp_dim, ("embed", "mlp"), dtype, rngs)
         self.fc2 = dense(mlp_dim, width, ("mlp", "embed"), dtype, rngs)
+        self.act = act
 
     def __call__(self, x_BxNxD: jax.Array) -> jax.Array:
         hidden_BxNxF = constrain(self.fc1(x_BxNxD), ("activation_batch", "activation_length", "activation_mlp"))
-        return self.fc2(nnx.gelu(hidden_BxNxF, approximate=True))
+        return self.fc2(ACTIVATIONS[self.act](hidden_BxNxF))
 
 
 class MultiHeadAttention(nnx.Module):
@@ -159,10 +172,10 @@ class EncoderBlock(nnx.Module):
     """Pre-LN transformer block: x + attn(ln(x)); x + mlp(ln(x))."""
 
     def __init__(self, spec: EncoderSpec, rngs: nnx.Rngs):
-        self.ln1 = layer_norm(spec.width, spec.dtype, rngs)
+        self.ln1 = layer_norm(spec.width, spec.dtype, rngs, spec.norm_eps)
         self.attn = MultiHeadAttention(spec.width, spec.num_heads, spec.dtype, rngs, spec.attention_impl)
-        self.ln2 = layer_norm(spec.width, spec.dtype, rngs)
-        self.mlp = MlpBlock(spec.width, spec.mlp_dim, spec.dtype, rngs)
+        self.ln2 = layer_norm(spec.width, spec.dtype, rngs, spec.norm_eps)
+        self.mlp = MlpBlock(spec.width, spec.mlp_dim, spec.dtype, rngs, spec.act)
 
     def __call__(self, x_BxNxD: jax.Array, mask: MaskSpec | None = None) -> jax.Array:
         x_BxNxD = x_BxNxD + self.attn(self.ln1(x_BxNxD), mask=mask)
@@ -179,7 +192,7 @@ class Encoder(nnx.Module):
     def __init__(self, spec: EncoderSpec, rngs: nnx.Rngs, make_block=EncoderBlock):
         self.spec = spec
         self.blocks = build_stack(spec.depth, spec.scan, lambda rngs: make_block(spec, rngs), rngs)
-        self.ln_final = layer_norm(spec.width, spec.dtype, rngs)
+        self.ln_final = layer_norm(spec.width, spec.dtype, rngs, spec.norm_eps)
 
     def __call__(self, x_BxNxD: jax.Array, *context) -> jax.Array:
         def step(block, x, _):
@@ -236,8 +249,8 @@ class MapHead(nnx.Module):
         self.probe = nnx.Param(partitioned(nnx.initializers.xavier_uniform(), (None, "embed"))(
             rngs.params(), (1, spec.width), jnp.float32))
         self.attn = MultiHeadAttention(spec.width, spec.num_heads, spec.dtype, rngs, spec.attention_impl)
-        self.ln = layer_norm(spec.width, spec.dtype, rngs)
-        self.mlp = MlpBlock(spec.width, spec.mlp_dim, spec.dtype, rngs)
+        self.ln = layer_norm(spec.width, spec.dtype, rngs, spec.norm_eps)
+        self.mlp = MlpBlock(spec.width, spec.mlp_dim, spec.dtype, rngs, spec.act)
         self.dtype = spec.dtype
 
     def __call__(self, x_BxNxD: jax.Array) -> jax.Array:

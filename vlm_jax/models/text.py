@@ -1,4 +1,5 @@
-"""Bidirectional text transformer encoder (the SigLIP / LiT text tower).
+"""Text transformer encoder: bidirectional (the SigLIP / LiT text tower) or causal with pooling at the first EOS
+(the OpenAI CLIP text tower).
 
 Shape key: B batch, L tokens, D width.
 """
@@ -11,9 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlm_jax.kernels.masks import MaskSpec
 from vlm_jax.models.layers import Encoder, EncoderSpec, TowerOptions, partitioned
 
-POOLS = ("last", "first", "mean")
+POOLS = ("last", "first", "mean", "eos")  # eos: the first EOS token (CLIP)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,13 +24,15 @@ class TextConfig(TowerOptions):
     vocab_size: int = 32_000
     max_len: int = 64
     pool: str = "last"
+    causal: bool = False
+    eos_id: int = 1  # the tokenizer's EOS (pool "eos"); the tokenizers trained here use 1
 
     def encoder_spec(self) -> EncoderSpec:
         return self.spec_for(self.size)
 
 
 class TextEncoder(nnx.Module):
-    """Token + learned position embeddings, pre-LN encoder, pooling; returns [B, D]."""
+    """Token + learned position embeddings, pre-LN encoder (causal or not), pooling; returns [B, D]."""
 
     def __init__(self, config: TextConfig, rngs: nnx.Rngs):
         if config.pool not in POOLS:
@@ -47,7 +51,10 @@ class TextEncoder(nnx.Module):
         if length > self.config.max_len:
             raise ValueError(f"text length {length} exceeds the model's max_len {self.config.max_len}")
         x_BxLxD = self.token_embed(tokens_BxL) + self.posemb[:length].astype(self.config.dtype)
-        x_BxLxD = self.encoder(x_BxLxD)
+        x_BxLxD = self.encoder(x_BxLxD, MaskSpec(causal=True) if self.config.causal else None)
+        if self.config.pool == "eos":  # rows without EOS pool their last token, as argmax of all-False gives 0
+            eos_B = jnp.argmax(tokens_BxL == self.config.eos_id, axis=1)
+            return jnp.take_along_axis(x_BxLxD, eos_B[:, None, None], axis=1)[:, 0]
         if self.config.pool == "last":
             return x_BxLxD[:, -1]
         if self.config.pool == "first":

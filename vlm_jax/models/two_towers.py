@@ -26,23 +26,30 @@ def l2_normalize(x: jax.Array, eps: float = 1e-8) -> jax.Array:
 
 
 class TwoTowers(nnx.Module):
-    """Image and text towers, linear projections to a joint space, L2-normalised embeddings,
-    a learnable log logit scale `t` and, for the sigmoid loss, a learnable logit bias `b`."""
+    """Image and text towers, linear projections to a joint space (the image one optional, as in SigLIP),
+    L2-normalised embeddings, a learnable log logit scale `t` and, for the sigmoid loss, a learnable logit bias `b`."""
 
-    def __init__(self, image: ViTConfig, text: TextConfig, embed_dim: int, loss: str, rngs: nnx.Rngs):
+    def __init__(self, image: ViTConfig, text: TextConfig, embed_dim: int, loss: str, rngs: nnx.Rngs,
+                 image_projection: bool = True, proj_bias: bool = True):
         if loss not in INIT_LOGIT_SCALE:
             raise ValueError(f"unknown contrastive loss {loss!r}; choose from {tuple(INIT_LOGIT_SCALE)}")
         self.image_encoder = ViT(image, rngs)
         self.text_encoder = TextEncoder(text, rngs)
-        self.image_proj = dense(self.image_encoder.width, embed_dim, ("embed", "proj"), image.dtype, rngs)
-        self.text_proj = dense(text.encoder_spec().width, embed_dim, ("embed", "proj"), text.dtype, rngs)
+        if not image_projection and embed_dim != self.image_encoder.width:
+            raise ValueError(f"without an image projection model.embed_dim ({embed_dim}) must equal the image "
+                             f"tower's width ({self.image_encoder.width})")
+        self.image_proj = (dense(self.image_encoder.width, embed_dim, ("embed", "proj"), image.dtype, rngs,
+                                 use_bias=proj_bias) if image_projection else None)
+        self.text_proj = dense(text.encoder_spec().width, embed_dim, ("embed", "proj"), text.dtype, rngs,
+                               use_bias=proj_bias)
         self.logit_scale = nnx.Param(jnp.asarray(INIT_LOGIT_SCALE[loss], jnp.float32))
         if loss == "sigmoid":
             self.logit_bias = nnx.Param(jnp.asarray(INIT_LOGIT_BIAS, jnp.float32))
 
     def embed_image(self, image_BxHxWx3: jax.Array) -> jax.Array:
         """L2-normalised float32 image embeddings [B, E]."""
-        return l2_normalize(self.image_proj(self.image_encoder(image_BxHxWx3)))
+        pooled_BxD = self.image_encoder(image_BxHxWx3)
+        return l2_normalize(pooled_BxD if self.image_proj is None else self.image_proj(pooled_BxD))
 
     def embed_text(self, tokens_BxL: jax.Array) -> jax.Array:
         """L2-normalised float32 text embeddings [B, E]."""

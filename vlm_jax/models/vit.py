@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlm_jax.models.layers import Encoder, EncoderSpec, MapHead, TowerOptions, parse_size, partitioned, sincos_2d
+from vlm_jax.models.layers import (Encoder, EncoderSpec, MapHead, TowerOptions, layer_norm, parse_size, partitioned,
+                                   sincos_2d)
 
 POOLS = ("map", "gap", "tok", "none")  # none: every token [B, N, D] (for decoders)
 POSEMBS = ("learn", "sincos2d")
@@ -32,13 +33,16 @@ class ViTConfig(TowerOptions):
     image_size: int = 224
     pool: str = "map"
     posemb: str = "learn"
+    pre_norm: bool = False  # a LayerNorm before the encoder (OpenAI CLIP's `ln_pre`)
+    patch_bias: bool = True  # OpenAI CLIP's patch embedding has none
 
     def encoder_spec(self) -> EncoderSpec:
         return self.spec_for(parse_variant(self.variant)[0])
 
 
 class ViT(nnx.Module):
-    """Patch embedding + position embedding + pre-LN encoder + pooling; returns [B, D] ([B, N, D] unpooled)."""
+    """Patch embedding + position embedding (+ LayerNorm) + pre-LN encoder + pooling; returns [B, D] ([B, N, D]
+    unpooled)."""
 
     def __init__(self, config: ViTConfig, rngs: nnx.Rngs):
         if config.pool not in POOLS:
@@ -53,7 +57,7 @@ class ViT(nnx.Module):
         self.grid = config.image_size // patch
         self.patch_embed = nnx.Conv(
             3, spec.width, kernel_size=(patch, patch), strides=(patch, patch), padding="VALID",
-            dtype=config.dtype, param_dtype=jnp.float32, rngs=rngs,
+            use_bias=config.patch_bias, dtype=config.dtype, param_dtype=jnp.float32, rngs=rngs,
             kernel_init=partitioned(nnx.initializers.lecun_normal(), (None, None, None, "embed")),
             bias_init=partitioned(nnx.initializers.zeros_init(), ("embed",)))
         num_tokens = self.grid**2 + (config.pool == "tok")
@@ -63,6 +67,8 @@ class ViT(nnx.Module):
         if config.posemb == "learn":
             self.posemb = nnx.Param(partitioned(nnx.initializers.normal(0.02), (None, "embed"))(
                 rngs.params(), (num_tokens, spec.width), jnp.float32))
+        if config.pre_norm:
+            self.ln_pre = layer_norm(spec.width, spec.dtype, rngs, spec.norm_eps)
         self.encoder = Encoder(spec, rngs)
         if config.pool == "map":
             self.map_head = MapHead(spec, rngs)
@@ -82,6 +88,8 @@ class ViT(nnx.Module):
         else:
             posemb = sincos_2d(self.grid, self.grid, self.width)
             x_BxNxD = x_BxNxD.at[:, x_BxNxD.shape[1] - self.grid**2:].add(posemb.astype(cfg.dtype))
+        if cfg.pre_norm:
+            x_BxNxD = self.ln_pre(x_BxNxD)
         x_BxNxD = self.encoder(x_BxNxD)
         if cfg.pool == "map":
             return self.map_head(x_BxNxD)

@@ -50,7 +50,8 @@ class ContrastiveTask:
 
     def build_model(self, rngs: nnx.Rngs) -> TwoTowers:
         m = self.config.model
-        return TwoTowers(vit_config(m), text_config(m), m.embed_dim, m.loss, rngs)
+        return TwoTowers(vit_config(m), text_config(m), m.embed_dim, m.loss, rngs,
+                         image_projection=m.image_projection, proj_bias=m.arch != "clip")
 
     def loss(self, model: TwoTowers, batch: dict[str, jax.Array], rngs: nnx.Rngs | None = None
              ) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -13,6 +13,11 @@ from vlm_jax.models.vit import ViTConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SIZE_OVERRIDES = ("width", "depth", "mlp_dim", "num_heads")
+# model.arch -> (the towers' shared options, the ViT's, the text tower's)
+ARCHITECTURES = {
+    "big_vision": ({}, {}, {}),
+    "clip": ({"act": "quick_gelu", "norm_eps": 1e-5}, {"pre_norm": True, "patch_bias": False}, {"causal": True}),
+}
 GEMMA_OVERRIDES = ("num_kv_heads", "head_dim", "window", "attn_softcap", "final_softcap", "rope_base",
                    "rope_base_local", "qk_norm", "post_norms", "layer_pattern")
 
@@ -23,14 +28,18 @@ def _shared(m: ml_collections.ConfigDict, tower: ml_collections.ConfigDict) -> d
 
 
 def vit_config(m: ml_collections.ConfigDict, pool: str | None = None) -> ViTConfig:
-    """model.image as a ViTConfig; `pool` overrides model.image.pool (decoders take every token)."""
+    """model.image as a ViTConfig in model.arch's conventions; `pool` overrides model.image.pool (decoders take
+    every token)."""
+    shared, image, _ = ARCHITECTURES[m.arch]
     return ViTConfig(variant=m.image.variant, image_size=m.image.image_size, pool=pool or m.image.pool,
-                     posemb=m.image.posemb, **_shared(m, m.image))
+                     posemb=m.image.posemb, **image, **shared, **_shared(m, m.image))
 
 
 def text_config(m: ml_collections.ConfigDict) -> TextConfig:
+    """model.text as a TextConfig in model.arch's conventions."""
+    shared, _, text = ARCHITECTURES[m.arch]
     return TextConfig(size=m.text.size, vocab_size=m.text.vocab_size, max_len=m.text.max_len, pool=m.text.pool,
-                      **_shared(m, m.text))
+                      eos_id=m.text.eos_id, **text, **shared, **_shared(m, m.text))
 
 
 def decoder_config(m: ml_collections.ConfigDict, image_width: int) -> DecoderConfig:
