@@ -91,13 +91,19 @@ def restore_params(manager: ocp.CheckpointManager, step: int, abstract_state: Tr
     return restore(manager, step, abstract_state, None)["params"]
 
 
-def restore_newest_params(workdir, keep: int, abstract_state: TrainState) -> tuple[int, Any]:
-    """(step, parameters) of the newest checkpoint in `workdir`; FileNotFoundError when there is none."""
+def restore_newest_params(workdir, keep: int, abstract_state: TrainState, step: int | None = None
+                          ) -> tuple[int, Any]:
+    """(step, parameters) of the newest checkpoint in `workdir`, or of checkpoint `step`; FileNotFoundError when
+    there is none."""
     manager = make_manager(workdir, keep)
     try:
-        step = manager.latest_step()
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+            step = manager.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+        elif step not in manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint of step {step} in {manager.directory} (it has steps: "
+                                    f"{', '.join(map(str, manager.all_steps())) or 'none'})")
         return step, restore_params(manager, step, abstract_state)
     finally:
         manager.close()

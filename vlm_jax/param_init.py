@@ -32,12 +32,13 @@ def subtree(params: dict, path: str, where: str) -> dict:
     return node
 
 
-def workdir_params(workdir: str, mesh: Mesh) -> tuple[int, Any]:
-    """(step, parameters) of a workdir's newest checkpoint, its model rebuilt from the workdir's saved config."""
+def workdir_params(workdir: str, mesh: Mesh, step: int | None = None) -> tuple[int, Any]:
+    """(step, parameters) of a workdir's newest checkpoint (or of `step`), its model rebuilt from the workdir's
+    saved config."""
     from vlm_jax.tasks import get_task  # tasks import this module's users; imported on use
     config = load_saved_config(resolve(workdir) / "config.json")
     layout = make_state_layout(get_task(config, mesh), config, mesh)
-    return checkpoint.restore_newest_params(workdir, config.keep_checkpoints, layout.abstract_state)
+    return checkpoint.restore_newest_params(workdir, config.keep_checkpoints, layout.abstract_state, step)
 
 
 def copy_matching(target: dict, source: dict, where: str, prefix: str = "") -> tuple[dict, list[str]]:

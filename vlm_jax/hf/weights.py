@@ -40,6 +40,21 @@ def stack_layers(layers: list[dict], scan: bool) -> dict:
     return _map_many(lambda *xs: np.stack(xs), layers)
 
 
+def unstack_all(params: dict, scan: bool) -> dict:
+    """`params` with every layer stack (a "blocks" subtree) as {index: layer}, whatever `scan` was: the one layout
+    exports read, so scanned and unscanned checkpoints export alike."""
+    return {key: (dict(enumerate(unstack_layers(value, scan))) if key == "blocks" else
+                  unstack_all(value, scan) if isinstance(value, dict) else value)
+            for key, value in params.items()}
+
+
+def stack_all(params: dict, scan: bool) -> dict:
+    """The inverse of `unstack_all`."""
+    return {key: (stack_layers([value[i] for i in sorted(value, key=int)], scan) if key == "blocks" else
+                  stack_all(value, scan) if isinstance(value, dict) else value)
+            for key, value in params.items()}
+
+
 def dense_to_torch(kernel: np.ndarray) -> np.ndarray:
     """Flax Dense kernel [in, out] (or [in, H, K] / [H, K, out] flattened first) -> torch Linear weight [out, in]."""
     return np.ascontiguousarray(np.asarray(kernel).T)
@@ -83,7 +98,7 @@ def write_safetensors(tensors: dict[str, np.ndarray], out_dir: str | os.PathLike
     model.safetensors.index.json when they pass `max_shard_bytes`; returns the file names written."""
     from safetensors.numpy import save_file  # the hf extra
 
-    arrays = {name: np.ascontiguousarray(np.asarray(value, dtype)) for name, value in sorted(tensors.items())}
+    arrays = {name: np.array(value, dtype, order="C") for name, value in sorted(tensors.items())}  # keeps 0-d
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, array in arrays.items():
