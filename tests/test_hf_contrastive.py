@@ -208,3 +208,25 @@ def test_realistic_siglip_b16_shapes_match_transformers(tmp_path):
                      pixel_values=torch.from_numpy(pixels[:2].transpose(0, 3, 1, 2)))
     np.testing.assert_allclose(outputs.image_embeds.numpy(), np.asarray(model.embed_image(pixels[:2])), atol=1e-4)
     np.testing.assert_allclose(outputs.text_embeds.numpy(), np.asarray(model.embed_text(tokens)), atol=1e-4)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_lit_initialises_an_image_tower_from_a_siglip_folder(tmp_path, scan):
+    from vlm_jax.param_init import initialise_from
+    from vlm_jax.parallel.mesh import make_mesh
+    from vlm_jax.train_state import init_train_state, make_state_layout
+
+    hf = random_hf("siglip")
+    hf.save_pretrained(tmp_path / "siglip")
+    config = tiny_config("siglip", scan=scan, mlp=48)
+    config.model.text.width = 64  # a text tower of its own (LiT trains it from scratch)
+    mesh = make_mesh(config.mesh)
+    layout = make_state_layout(get_task(config), config, mesh)
+    lines = []
+    state = initialise_from(init_train_state(layout, 0), {"image_encoder": {"hf": str(tmp_path / "siglip")}},
+                            layout, mesh, lines.append, scan)
+    _, imported, _ = load_folder(str(tmp_path / "siglip"), scan=scan)
+    got = dict(leaves_with_path_str(state["params"]["image_encoder"]))
+    for path, value in leaves_with_path_str(imported["image_encoder"]):
+        np.testing.assert_array_equal(np.asarray(got[path]), value, err_msg=path)
+    assert any("0 missing, 0 mismatched, 0 unexpected" in line for line in lines)

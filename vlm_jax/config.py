@@ -52,6 +52,7 @@ CHOICES = {
     "model.lm.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.vlm.projector": ("linear", "mlp"),
     "model.arch": ("big_vision", "clip"),
+    "export_as": ("auto", "siglip", "clip", "paligemma", "vision"),
     "optim.moments_dtype": ("float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
     "optim.name": ("adamw", "adafactor"),
@@ -81,6 +82,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
     c.eval_every = 0  # 0: evaluate at the end only.
+    # Hugging Face export (README, "Hugging Face"; needs the hf extra) into WORKDIR/hf every N steps and at the
+    # end (0: none; `python -m vlm_jax.export` exports any checkpoint), as export_as ("auto", "siglip", "clip",
+    # "paligemma" or "vision").
+    c.export_every = 0
+    c.export_as = "auto"
     # Evaluators by name: {name: {"type": registered evaluator (default: the name), "data": eval split (default
     # data.eval_shards), "every": steps (default eval_every), ...its own settings}}; None: the task's defaults.
     # See vlm_jax/evaluators/registry.py.
@@ -426,6 +432,7 @@ def _assign_saved(node: ml_collections.ConfigDict, saved: dict, path: str, prefi
 # Keys a resumed run may change: how the same computation is run, logged, checkpointed and evaluated. Any other
 # change (the schedule, the optimizer, the model, the data stream) needs an explicit allowance.
 RESUMABLE_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "evals", "microbatches",
+                  "export_every", "export_as",
                   "mesh.", "sharding_rules", "model.attention_impl", "model.loss_impl", "model.image.remat",
                   "model.text.remat", "model.decoder.remat", "model.lm.remat", "data.num_workers", "data.worker_buffer_size", "data.read_", "data.eval_",
                   "data.pp_eval", "data.classnames", "data.templates")

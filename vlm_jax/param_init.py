@@ -2,7 +2,9 @@
 
 `config.init_from = {"image_encoder": {"workdir": "runs/clip"}, "lm": {"workdir": "runs/lm", "params": "lm"}}`
 starts a VLM from a contrastive run's image tower and an earlier run's language model (LiT, BLIP-2 and PaliGemma
-stage 1; freeze them with `optim.freeze`). Every parameter of a target subtree must exist in the source subtree
+stage 1; freeze them with `optim.freeze`). `{"hf": FOLDER}` in place of a workdir reads a local transformers
+folder (SigLIP, CLIP, their vision towers, PaliGemma, Gemma; vlm_jax/hf/load.py), e.g. LiT on a SigLIP image
+tower: {"image_encoder": {"hf": "siglip-base-patch16-224"}}. Every parameter of a target subtree must exist in the source subtree
 with the same shape; parameters the source has beyond those (e.g. a contrastive tower's pooling head) are left
 out and reported.
 """
@@ -41,6 +43,17 @@ def workdir_params(workdir: str, mesh: Mesh, step: int | None = None) -> tuple[i
     return checkpoint.restore_newest_params(workdir, config.keep_checkpoints, layout.abstract_state, step)
 
 
+def hf_folder_params(folder: str, scan: bool, log: Callable[[str], None]) -> dict:
+    """The parameters of a local transformers folder in this project's layout (layer stacks stacked when `scan`),
+    after logging the import's key-by-key report."""
+    from vlm_jax.hf.load import load_folder  # the hf extra
+    _, params, reader = load_folder(folder, scan)
+    for line in reader.report():
+        log(line)
+    reader.check()
+    return params
+
+
 def copy_matching(target: dict, source: dict, where: str, prefix: str = "") -> tuple[dict, list[str]]:
     """`target`'s structure filled with `source`'s leaves; (tree, source paths left out). A target parameter
     missing from the source, or of another shape, is a one-line ConfigError naming it (as `prefix`/path)."""
@@ -60,18 +73,23 @@ def copy_matching(target: dict, source: dict, where: str, prefix: str = "") -> t
 
 
 def initialise_from(state: TrainState, sources: dict | None, layout: StateLayout, mesh: Mesh,
-                    log: Callable[[str], None] = print) -> TrainState:
-    """`state` with each configured subtree of its parameters replaced by the source workdir's, placed with this
-    model's shardings (`config.init_from`; None or {}: unchanged)."""
+                    log: Callable[[str], None] = print, scan: bool = False) -> TrainState:
+    """`state` with each configured subtree of its parameters replaced by the source workdir's or transformers
+    folder's, placed with this model's shardings (`config.init_from`; None or {}: unchanged). `scan`: whether this
+    model's layer stacks are scanned (config.model.scan)."""
     if not sources:
         return state
     params = dict(state["params"])
     for target_path, spec in sources.items():
         spec = dict(spec) if isinstance(spec, (dict, ml_collections.ConfigDict)) else {"workdir": spec}
-        if "workdir" not in spec or set(spec) - {"workdir", "params"}:
-            raise ConfigError(f"init_from[{target_path!r}] must be {{'workdir': DIR, 'params': PATH (optional)}}")
-        step, source_params = workdir_params(spec["workdir"], mesh)
-        where = f"{spec['workdir']} (step {step})"
+        if len(set(spec) & {"workdir", "hf"}) != 1 or set(spec) - {"workdir", "hf", "params"}:
+            raise ConfigError(f"init_from[{target_path!r}] must be {{'workdir': DIR or 'hf': FOLDER, 'params': PATH "
+                              "(optional)}")
+        if "hf" in spec:
+            source_params, where = hf_folder_params(spec["hf"], scan, log), spec["hf"]
+        else:
+            step, source_params = workdir_params(spec["workdir"], mesh)
+            where = f"{spec['workdir']} (step {step})"
         source = subtree(source_params, spec.get("params", target_path), where)
         target = subtree(params, target_path, "this model")
         copied, left_out = copy_matching(target, source, where, target_path.strip("/") + "/")

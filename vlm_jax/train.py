@@ -33,6 +33,7 @@ from vlm_jax.parallel.mesh import make_mesh
 from vlm_jax.parallel.param_table import log_parameter_table
 from vlm_jax.parallel.sharding import batch_sharding, data_parallel_size, to_global_batch
 from vlm_jax.run_health import FAILED, RAN_OUT, DataFeed, EndOfData, RunHealth, zeros_like_batch
+from vlm_jax.hf.export import PeriodicExport
 from vlm_jax.param_init import initialise_from
 from vlm_jax.tasks import get_task
 from vlm_jax.train_state import init_train_state, make_state_layout, param_count
@@ -126,11 +127,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_changes: set[st
             accept_config(config, root / "config.json", allow_changes)
         data_iterator = make_train_iterator(config)
         evaluations = Evaluations(config, task, layout, mesh, root)
+        export = PeriodicExport(config, workdir)
         if start:
             state = checkpoint.restore(manager, start, layout.abstract_state, data_iterator)
             log(f"resumed from {manager.directory} at step {start}")
         else:
-            state = initialise_from(init_train_state(layout, config.seed), config.init_from, layout, mesh, log)
+            state = initialise_from(init_train_state(layout, config.seed), config.init_from, layout, mesh, log,
+                                    config.model.scan)
         if jax.process_index() == 0:
             save_config(config, root / "config.json")
         writer = MetricsWriter(root, resumed_step=start)
@@ -138,11 +141,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_changes: set[st
         def evaluate(step: int, params) -> dict[str, float]:
             return evaluate_and_log(step, params, evaluations, writer)
 
-        loop = TrainLoop(config, task, layout, sharding, manager, data_iterator, writer, evaluations.due, evaluate)
+        loop = TrainLoop(config, task, layout, sharding, manager, data_iterator, writer, evaluations.due, evaluate,
+                         export)
         state, last_step = loop.run(state, start)
         results = evaluate_and_log(last_step, state["params"], evaluations, writer, final=True)
         if jax.process_index() == 0 and results:
             (root / "eval_results.json").write_text(json.dumps({"step": last_step, **results}, indent=2))
+        if config.export_every:  # after the final evaluation, so the model card carries its results
+            export(last_step, state["params"])
         return results
     finally:
         checkpoint.finish(manager)
@@ -157,9 +163,9 @@ class TrainLoop:
 
     def __init__(self, config: ml_collections.ConfigDict, task, layout, sharding, manager, data_iterator,
                  writer: MetricsWriter, eval_due: Callable[[int], bool],
-                 evaluate: Callable[[int, Any], dict[str, float]]):
+                 evaluate: Callable[[int, Any], dict[str, float]], export: PeriodicExport):
         self.config, self.manager, self.data_iterator = config, manager, data_iterator
-        self.writer, self.eval_due, self.evaluate = writer, eval_due, evaluate
+        self.writer, self.eval_due, self.evaluate, self.export = writer, eval_due, evaluate, export
         self.train_step = make_train_step(task, layout, sharding, config.microbatches)
         self.averager, self.health = IntervalAverager(), RunHealth()
         placeholder = zeros_like_batch(task.abstract_batch(config.batch_size // jax.process_count()))
@@ -187,6 +193,9 @@ class TrainLoop:
                 if step < config.total_steps and self.eval_due(step):
                     self.check_health(self.health.snapshot(), step)
                     self.evaluate(step, state["params"])
+                if step < config.total_steps and self.export.due(step):
+                    self.check_health(self.health.snapshot(), step)
+                    self.export(step, state["params"])
             if pending is not None:
                 to_write, pending = pending, None
                 self.write_metrics(*to_write)

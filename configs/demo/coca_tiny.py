@@ -16,6 +16,7 @@ from vlm_jax.config import sibling_recipe
 
 def get_config(arg=None):
     c = sibling_recipe(__file__, "clip_tiny.py", arg)
+    c.model.text.max_len = 16  # the captions fit: clip_tiny pads to SigLIP's 64 for transformers
     c.task = "coca"
     c.model.image.pool = "none"
     c.model.decoder.size = "mu"
