@@ -15,9 +15,11 @@ import torch
 from flax import nnx
 
 import vlm_jax.train_state  # noqa: F401  (flax_always_shard_variable False, before any model is built)
+from data_pipelines.tokenizer import Tokenizer, train_tokenizer
 from vlm_jax.config import ConfigError, base_config
 from vlm_jax.decoding import generate
-from vlm_jax.hf.gemma_weights import gemma_import, gemma_to_torch
+from vlm_jax.hf.gemma_weights import export_flat, gemma_import, gemma_rules
+from vlm_jax.hf.load import configured, load_folder
 from vlm_jax.hf.paligemma import (canonical_names, paligemma_export, paligemma_generation_config,
                                   paligemma_import)
 from vlm_jax.hf.weights import read_safetensors, stack_layers, unstack_layers, write_safetensors
@@ -91,12 +93,12 @@ def load_hf(path):
     return model.eval()
 
 
-def prefix_lm_rows(rng, prefix_lens, suffix_len, image_size=IMAGE, patch=PATCH, vocab=VOCAB):
-    """Rows [image][BOS prefix ; ][suffix] (no padding): our batch and transformers' inputs (image token id:
-    the vocabulary size)."""
+def prefix_lm_rows(rng, prefix_lens, suffix_len, image_id, image_size=IMAGE, patch=PATCH):
+    """Rows [image][BOS prefix ; ][suffix] (no padding): our batch and transformers' inputs (text ids below the
+    image token id)."""
     tokens = (image_size // patch) ** 2
     rows = len(prefix_lens)
-    text = rng.integers(4, vocab, (rows, max(prefix_lens) + 2 + suffix_len))
+    text = rng.integers(4, image_id, (rows, max(prefix_lens) + 2 + suffix_len))
     text[:, 0] = BOS
     length = tokens + text.shape[1]
     positions = np.broadcast_to(np.arange(length), (rows, length))
@@ -105,7 +107,7 @@ def prefix_lm_rows(rng, prefix_lens, suffix_len, image_size=IMAGE, patch=PATCH, 
     ours = {"tokens": np.concatenate([np.zeros((rows, tokens), np.int64), text], 1),
             "image_slot": np.where(positions < tokens, positions, -1), "segment_ids": np.ones((rows, length)),
             "positions": positions, "prefix_end": prefix_end, "images": images}
-    hf = {"input_ids": np.where(positions < tokens, vocab, ours["tokens"]),
+    hf = {"input_ids": np.where(positions < tokens, image_id, ours["tokens"]),
           "token_type_ids": (positions >= prefix_end).astype(np.int64),
           "pixel_values": images[:, 0].transpose(0, 3, 1, 2)}
     return ({key: jnp.asarray(value, jnp.float32 if key == "images" else jnp.int32) for key, value in ours.items()},
@@ -122,11 +124,11 @@ def greedy_ours(task, model, images, prompts, steps):
                                inputs, max_new_tokens=steps, eos_id=EOS))
 
 
-def greedy_hf(hf_model, images, prompts, steps, tokens=TOKENS):
+def greedy_hf(hf_model, images, prompts, steps):
     """transformers' greedy answers for left-padded prompts ([pad][image][BOS prompt ;]), padded to `steps`."""
     valid = prompts != 0
-    ids = np.concatenate([np.full((len(prompts), tokens), VOCAB), prompts], 1)
-    mask = np.concatenate([np.ones((len(prompts), tokens), bool), valid], 1)
+    ids = np.concatenate([np.full((len(prompts), TOKENS), hf_model.config.image_token_id), prompts], 1)
+    mask = np.concatenate([np.ones((len(prompts), TOKENS), bool), valid], 1)
     order = np.argsort(mask, axis=1, kind="stable")
     ids, mask = np.take_along_axis(ids, order, 1), np.take_along_axis(mask, order, 1)
     out = hf_model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask.astype(np.int64)),
@@ -136,16 +138,32 @@ def greedy_hf(hf_model, images, prompts, steps, tokens=TOKENS):
     return np.pad(out, ((0, 0), (0, steps - out.shape[1])))
 
 
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    """A sentencepiece model of fewer pieces than the LM's vocabulary (as when the vocabulary is rounded up)."""
+    path = str(tmp_path_factory.mktemp("spm") / "spm.model")
+    rng = np.random.default_rng(0)
+    words = ["red", "green", "blue", "circle", "square", "triangle", "small", "large", "on", "the", "left", "right"]
+    train_tokenizer([" ".join(rng.choice(words, 6)) for _ in range(300)], path, vocab_size=40)
+    return path
+
+
 @pytest.mark.parametrize("gemma2", [False, True], ids=["gemma", "gemma2"])
-def test_export_matches_transformers(tmp_path, gemma2):
+def test_export_matches_transformers(tmp_path, spm_model, gemma2):
     """Logits of prefix-LM rows within 1e-3 (the issue's bar), image features within 1e-4, and greedy answers
-    token for token, from a folder transformers loads with no missing, unexpected or mismatched key."""
+    token for token, from a folder transformers loads with no missing, unexpected or mismatched key. The image
+    token id is the tokenizer's vocabulary size: a row of the embedding (Gemma 1 case, 40 pieces for 64 rows) or
+    past it (Gemma 2 case, no tokenizer: 64)."""
     config = vlm_config(gemma2)
+    if not gemma2:
+        config.data.tokenizer = spm_model
     task, model, params = build(config)
     hf_config, _ = write_folder(tmp_path, config, params)
     assert hf_config["text_config"]["model_type"] == ("gemma2" if gemma2 else "gemma")
+    image_id = hf_config["image_token_index"]
+    assert image_id == (VOCAB if gemma2 else Tokenizer(spm_model).vocab_size) and image_id >= 30
     hf_model = load_hf(tmp_path)
-    ours, hf = prefix_lm_rows(np.random.default_rng(1), prefix_lens=[1, 2], suffix_len=5)
+    ours, hf = prefix_lm_rows(np.random.default_rng(1), prefix_lens=[1, 2], suffix_len=5, image_id=image_id)
     with torch.no_grad():
         out = hf_model(**hf)
         features = hf_model.model.get_image_features(hf["pixel_values"]).pooler_output
@@ -197,15 +215,6 @@ def random_hf(model, seed=0):
     return model
 
 
-def config_from(values: dict, **extra):
-    c = base_config()
-    c.task, c.data.tokenizer = "vlm", "unused"
-    for key, value in {**values, **extra}.items():
-        *parents, name = key.split(".")
-        setattr(functools.reduce(getattr, parents, c), name, value)
-    return c
-
-
 @pytest.mark.parametrize("text_type", ["gemma", "gemma2"])
 def test_transformers_to_ours_to_transformers_is_bit_exact(tmp_path, text_type):
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
@@ -222,10 +231,12 @@ def test_transformers_to_ours_to_transformers_is_bit_exact(tmp_path, text_type):
     tensors = read_safetensors(tmp_path)
     folder_config = json.loads((tmp_path / "config.json").read_text())
     params, values, reader = paligemma_import(tensors, folder_config, scan=False)
-    assert values["model.lm.size"] == {"gemma": "gemma-2b", "gemma2": "gemma2-2b"}[text_type]
-    assert values["model.image.variant"] == "B/4" and values["model.image.width"] == 32
+    assert values["lm.size"] == {"gemma": "gemma-2b", "gemma2": "gemma2-2b"}[text_type]
+    assert values["image.variant"] == "B/4" and values["image.width"] == 32
     assert reader.report()[-1].endswith("0 missing, 0 mismatched, 0 unexpected")
-    config = config_from(values)
+    config = configured(values, "vlm", False)
+    _, loaded, _ = load_folder(str(tmp_path))  # the import CLI's path
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, loaded, params)))
     spec = gemma_config(config.model).spec()
     assert (spec.layer_pattern, spec.window, spec.post_norms) == (("LG", 6, True) if text_type == "gemma2"
                                                                    else ("G", None, False))
@@ -253,10 +264,10 @@ def test_gemma_import_round_trip_and_logits(tmp_path):
     tensors = read_safetensors(tmp_path)
     lm_params, values, reader = gemma_import(tensors, json.loads((tmp_path / "config.json").read_text()), True)
     reader.check()
-    config = config_from(values, **{"model.scan": True})
+    config = configured(values, "vlm", True)
     spec = gemma_config(config.model).spec()
     assert (spec.window, spec.layer_pattern, spec.attn_softcap, spec.final_softcap) == (4, "LG", 5.0, 3.0)
-    back = gemma_to_torch(lm_params, spec, True, "model.")
+    back = export_flat({"lm": lm_params}, True, gemma_rules("lm", "model", spec))
     assert back.keys() == tensors.keys() and all(np.array_equal(back[k], tensors[k]) for k in tensors)
 
     from vlm_jax.models.gemma import GemmaLM
@@ -272,19 +283,23 @@ def test_gemma_import_round_trip_and_logits(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(projector="mlp"), "model.vlm.projector 'mlp'"),
-    (dict(cls_token=True), "a class token (cls_token)"),
-    (dict(lm={"qk_norm": True}), "qk_norm"),
-    (dict(lm={"post_norms": False, "attn_softcap": 50.0}), "attn_softcap"),
-    (dict(lm={"rope_base_local": 1e4, "rope_base": 1e6, "window": 8, "layer_pattern": "LG",
-              "post_norms": True}), "rope_base_local"),
+    ({"vlm.projector": "mlp"}, "model.vlm.projector 'mlp'"),
+    ({"cls_token": True}, "no transformers key: image_encoder/cls_token"),
+    ({"image.posemb": "sincos2d"}, "image posemb 'sincos2d'"),
+    ({"arch": "clip"}, "model.arch is 'clip'"),
+    ({"lm.qk_norm": True}, "qk_norm"),
+    ({"lm.attn_softcap": 50.0}, "without post-norms but with model.lm.attn_softcap"),
+    ({"lm.post_norms": True, "lm.window": 8, "lm.layer_pattern": "LG", "lm.rope_base": 1e6},
+     "rope_base_local 10000.0 != rope_base 1000000.0"),
 ])
 def test_what_paligemma_cannot_express_is_refused_in_one_line(change, message):
-    config = vlm_config(**change.get("lm", {}))
-    if "projector" in change:
-        config.model.vlm.projector = change["projector"]
+    config = vlm_config()
+    for key, value in change.items():
+        if key != "cls_token":
+            *parents, name = key.split(".")
+            functools.reduce(getattr, parents, config.model)[name] = value
     _, _, params = build(config)
-    if change.get("cls_token"):
+    if "cls_token" in change:
         params["image_encoder"]["cls_token"] = np.zeros(32, np.float32)
     with pytest.raises(ConfigError, match=re.escape(message)) as error:
         paligemma_export(params, config)
@@ -299,8 +314,8 @@ def test_realistic_size_export_matches_transformers(tmp_path):
     _, model, params = build(config)
     write_folder(tmp_path, config, params)
     hf_model = load_hf(tmp_path)
-    ours, hf = prefix_lm_rows(np.random.default_rng(1), prefix_lens=[3], suffix_len=6, image_size=224,
-                              patch=16, vocab=1024)
+    ours, hf = prefix_lm_rows(np.random.default_rng(1), prefix_lens=[3], suffix_len=6, image_id=1024,
+                              image_size=224, patch=16)
     with torch.no_grad():
         out = hf_model(**hf)
         features = hf_model.model.get_image_features(hf["pixel_values"]).pooler_output

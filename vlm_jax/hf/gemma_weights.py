@@ -1,5 +1,5 @@
-"""Our Gemma LM (models/gemma.py) <-> transformers' `gemma` / `gemma2` text models, and the table-driven tensor
-mapping the PaliGemma export (hf/paligemma.py) shares.
+"""Our Gemma LM (models/gemma.py) <-> transformers' `gemma` / `gemma2` text models (GemmaForCausalLM,
+Gemma2ForCausalLM, and PaliGemma's language model), as a hf/towers.py rule table.
 
 Exact equivalences: Gemma 1 blocks (no post-norms, no softcaps, every layer global) are `gemma`; blocks with
 post-norms are `gemma2` (softcaps optional, any local/global layer order as `layer_types`, query_pre_attn_scalar =
@@ -13,14 +13,16 @@ or local layers (gemma has neither, gemma2 always has post-norms).
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import numpy as np
+from flax import nnx
 
 from vlm_jax.config import ConfigError
-from vlm_jax.hf.weights import (TensorReader, dense_to_torch, heads_in_from_torch, heads_in_to_torch,
-                                heads_out_from_torch, heads_out_to_torch, stack_layers, unstack_layers)
+from vlm_jax.hf.towers import Rule, export, import_
+from vlm_jax.hf.weights import TensorReader, stack_all, unstack_all
 from vlm_jax.models.gemma import EPS, SIZES, GemmaSpec
+from vlm_jax.pytree import leaves_with_path_str, map_with_path_str
 
 GEMMA_ACT = "gelu_pytorch_tanh"  # GeGLU with tanh GELU
 # our block's norm -> transformers' name, per text model type (gemma's "post_attention_layernorm" is pre-MLP)
@@ -28,61 +30,6 @@ NORMS = {"gemma": {"pre_attn_norm": "input_layernorm", "pre_mlp_norm": "post_att
          "gemma2": {"pre_attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
                     "pre_mlp_norm": "pre_feedforward_layernorm", "post_mlp_norm": "post_feedforward_layernorm"}}
 SIZE_BASE = {"gemma": "gemma-2b", "gemma2": "gemma2-2b"}  # the named size an import's overrides start from
-
-
-class Entry(NamedTuple):
-    """One tensor: transformers' name (after a prefix), our path in the subtree, the two layout conversions and
-    the torch shape expected on import."""
-
-    name: str
-    path: tuple[str, ...]
-    to_torch: Callable[[np.ndarray], np.ndarray]
-    from_torch: Callable[[np.ndarray], np.ndarray]
-    shape: tuple[int, ...]
-
-
-def same(x: np.ndarray) -> np.ndarray:
-    return np.asarray(x)
-
-
-def transpose(x: np.ndarray) -> np.ndarray:
-    """Dense kernel [in, out] <-> torch Linear weight [out, in] (dense_to_torch is its own inverse)."""
-    return dense_to_torch(x)
-
-
-def export_entries(tree: dict, entries: list[Entry], prefix: str) -> dict[str, np.ndarray]:
-    """transformers' tensors (float32) of `entries` from our subtree."""
-    out = {}
-    for entry in entries:
-        node = tree
-        for key in entry.path:
-            node = node[key]
-        out[prefix + entry.name] = np.asarray(entry.to_torch(np.asarray(node, np.float32)), np.float32)
-    return out
-
-
-def import_entries(reader: TensorReader, entries: list[Entry], prefix: str) -> dict:
-    """Our subtree of `entries` read from `reader` (float32); None where the reader records a problem."""
-    tree: dict = {}
-    for entry in entries:
-        tensor = reader.take(prefix + entry.name, entry.shape)
-        node = tree
-        for key in entry.path[:-1]:
-            node = node.setdefault(key, {})
-        node[entry.path[-1]] = None if tensor is None else entry.from_torch(np.asarray(tensor, np.float32))
-    return tree
-
-
-def export_layers(blocks: dict, scan: bool, entries: list[Entry], prefix: str) -> dict[str, np.ndarray]:
-    """Every layer of a (scanned or listed) stack as `{prefix}{i}.{name}` tensors."""
-    out = {}
-    for index, layer in enumerate(unstack_layers(blocks, scan)):
-        out.update(export_entries(layer, entries, f"{prefix}{index}."))
-    return out
-
-
-def import_layers(reader: TensorReader, depth: int, entries: list[Entry], prefix: str) -> list[dict]:
-    return [import_entries(reader, entries, f"{prefix}{index}.") for index in range(depth)]
 
 
 def model_type(spec: GemmaSpec) -> str:
@@ -106,35 +53,51 @@ def model_type(spec: GemmaSpec) -> str:
     return "gemma"
 
 
-def block_entries(spec: GemmaSpec, kind: str) -> list[Entry]:
-    width, mlp, heads, kv_heads, dim = spec.width, spec.mlp_dim, spec.num_heads, spec.num_kv_heads, spec.head_dim
-    entries = [
-        Entry("self_attn.q_proj.weight", ("attn", "query"), heads_in_to_torch,
-              lambda w: heads_in_from_torch(w, heads), (heads * dim, width)),
-        Entry("self_attn.k_proj.weight", ("attn", "key"), heads_in_to_torch,
-              lambda w: heads_in_from_torch(w, kv_heads), (kv_heads * dim, width)),
-        Entry("self_attn.v_proj.weight", ("attn", "value"), heads_in_to_torch,
-              lambda w: heads_in_from_torch(w, kv_heads), (kv_heads * dim, width)),
-        Entry("self_attn.o_proj.weight", ("attn", "output"), heads_out_to_torch,
-              lambda w: heads_out_from_torch(w, heads), (width, heads * dim)),
-        Entry("mlp.gate_proj.weight", ("mlp", "gate"), transpose, transpose, (mlp, width)),
-        Entry("mlp.up_proj.weight", ("mlp", "up"), transpose, transpose, (mlp, width)),
-        Entry("mlp.down_proj.weight", ("mlp", "down"), transpose, transpose, (width, mlp)),
-    ]
-    return entries + [Entry(f"{hf}.weight", (ours, "scale"), same, same, (width,)) for ours, hf in NORMS[kind].items()]
+def gemma_rules(ours: str, hf: str, spec: GemmaSpec) -> list[Rule]:
+    """Our LM at path `ours` (layer stacks unstacked) <-> transformers' text model at prefix `hf`; the output
+    projection is tied to the embedding, so there is no lm_head rule (save_pretrained writes none either)."""
+    rules = [Rule(f"{ours}/embedder/embedding", f"{hf}.embed_tokens.weight"),
+             Rule(f"{ours}/final_norm/scale", f"{hf}.norm.weight")]
+    for i in range(spec.depth):
+        block, layer = f"{ours}/blocks/{i}", f"{hf}.layers.{i}"
+        rules += [Rule(f"{block}/attn/query", f"{layer}.self_attn.q_proj.weight", "heads_in", spec.num_heads),
+                  Rule(f"{block}/attn/key", f"{layer}.self_attn.k_proj.weight", "heads_in", spec.num_kv_heads),
+                  Rule(f"{block}/attn/value", f"{layer}.self_attn.v_proj.weight", "heads_in", spec.num_kv_heads),
+                  Rule(f"{block}/attn/output", f"{layer}.self_attn.o_proj.weight", "heads_out", spec.num_heads)]
+        rules += [Rule(f"{block}/mlp/{name}", f"{layer}.mlp.{name}_proj.weight", "dense")
+                  for name in ("gate", "up", "down")]
+        rules += [Rule(f"{block}/{name}/scale", f"{layer}.{hf_name}.weight")
+                  for name, hf_name in NORMS[model_type(spec)].items()]
+    return rules
 
 
-def top_entries(spec: GemmaSpec) -> list[Entry]:
-    return [Entry("embed_tokens.weight", ("embedder", "embedding"), same, same, (spec.vocab_size, spec.width)),
-            Entry("norm.weight", ("final_norm", "scale"), same, same, (spec.width,))]
+def export_flat(params: dict, scan: bool, rules: list[Rule]) -> dict[str, np.ndarray]:
+    """transformers' float32 tensors of `params` (layer stacks scanned or not) by `rules`; a one-line
+    ConfigError naming any parameter the rules leave out, except `prior_lm` (PRIOR's frozen reference LM)."""
+    flat = {path: np.asarray(x, np.float32) for path, x in leaves_with_path_str(unstack_all(params, scan))}
+    left = sorted(set(flat) - {rule.ours for rule in rules} - {p for p in flat if p.startswith("prior_lm/")})
+    if left:
+        raise ConfigError(f"parameters with no transformers key: {', '.join(left[:3])}"
+                          + (f" and {len(left) - 3} more" if len(left) > 3 else ""))
+    return export(flat, rules)
 
 
-def gemma_to_torch(lm: dict, spec: GemmaSpec, scan: bool, prefix: str) -> dict[str, np.ndarray]:
-    """Our `lm` subtree as transformers' tensors under `prefix` ("model." in GemmaForCausalLM). The output
-    projection is tied to the embedding, so no lm_head is written (as save_pretrained does)."""
-    kind = model_type(spec)
-    return {**export_entries(lm, top_entries(spec), prefix),
-            **export_layers(lm["blocks"], scan, block_entries(spec, kind), f"{prefix}layers.")}
+def abstract_params(build: Callable[[nnx.Rngs], nnx.Module]) -> dict:
+    """The parameter shapes (jax.ShapeDtypeStruct) of the module `build` makes, as a pure dict."""
+    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build(nnx.Rngs(0))), nnx.Param))
+
+
+def import_tree(reader: TensorReader, rules: list[Rule], abstract: dict, scan: bool) -> dict:
+    """Parameters shaped as the unscanned `abstract` tree, from `reader` by `rules`, as float32 with layer stacks
+    scanned when `scan`. Raises the reader's one-line ConfigError when a key is missing, mismatched or left over."""
+    shapes = {path: tuple(x.shape) for path, x in leaves_with_path_str(abstract)}
+    flat = import_(reader, rules, shapes)
+    reader.check()
+    uncovered = sorted(set(shapes) - set(flat))
+    if uncovered:
+        raise ConfigError(f"{reader.source}: this model's parameters {', '.join(uncovered[:3])} have no "
+                          "transformers key")
+    return stack_all(map_with_path_str(lambda path, _: np.asarray(flat[path], np.float32), abstract), scan)
 
 
 def gemma_text_config(spec: GemmaSpec, max_len: int, ids: dict[str, int]) -> dict[str, Any]:
@@ -198,42 +161,35 @@ def text_fields(text: Any) -> dict[str, Any]:
 
 
 def lm_config_values(text: Any) -> dict[str, Any]:
-    """Our config keys for a resolved transformers text config: model.lm.size and the fields that differ from
-    it, model.lm.max_len and model.text.vocab_size."""
+    """Our config.model keys for a resolved transformers text config: lm.size and the fields that differ from
+    it, lm.max_len and text.vocab_size."""
     fields, size = text_fields(text), SIZE_BASE[text.model_type]
-    values = {f"model.lm.{key}": value for key, value in fields.items()
-              if key != "vocab_size" and value != SIZES[size][key]}
-    return {"model.lm.size": size, **values, "model.lm.max_len": text.max_position_embeddings,
-            "model.text.vocab_size": fields["vocab_size"]}
+    values = {f"lm.{key}": value for key, value in fields.items() if key != "vocab_size" and value != SIZES[size][key]}
+    return {"lm.size": size, **values, "lm.max_len": text.max_position_embeddings,
+            "text.vocab_size": fields["vocab_size"]}
 
 
-def spec_of(text: Any, scan: bool) -> GemmaSpec:
-    fields = text_fields(text)
-    for key in ("attn_softcap", "final_softcap", "window"):
-        fields[key] = fields[key] or None
-    return GemmaSpec(**fields, scan=scan)
-
-
-def gemma_from_torch(reader: TensorReader, text: Any, scan: bool, prefix: str, lm_head: str) -> dict:
-    """Our `lm` subtree from transformers' tensors under `prefix`, None where the reader records a problem. An
-    `lm_head` tensor, if present, must equal the embedding (ours is tied)."""
-    spec = spec_of(text, scan)
-    top = import_entries(reader, top_entries(spec), prefix)
-    layers = import_layers(reader, spec.depth, block_entries(spec, text.model_type), f"{prefix}layers.")
-    head = reader.take(lm_head, (spec.vocab_size, spec.width)) if lm_head in reader.tensors else None
-    embedding = top["embedder"]["embedding"]
-    if head is not None and embedding is not None and not np.array_equal(np.asarray(head, np.float32), embedding):
-        raise ConfigError(f"{lm_head} differs from the input embedding: our Gemma ties its output projection")
-    reader.check()
-    return {**top, "blocks": stack_layers(layers, scan)}
+def check_tied(reader: TensorReader, lm_head: str, embedding: str) -> None:
+    """Takes an `lm_head` tensor, if the folder has one: it must equal the embedding (ours is tied)."""
+    if lm_head in reader.tensors and embedding in reader.tensors and not np.array_equal(
+            reader.take(lm_head), reader.tensors[embedding]):
+        raise ConfigError(f"{lm_head} differs from {embedding}: our Gemma ties its output projection")
 
 
 def gemma_import(tensors: dict[str, np.ndarray], hf_config: dict, scan: bool
                  ) -> tuple[dict, dict[str, Any], TensorReader]:
-    """A GemmaForCausalLM / Gemma2ForCausalLM folder's tensors and config.json as (our `lm` subtree, our config
-    keys (model.lm.*, model.text.vocab_size), the key-by-key reader). Raises the reader's one-line ConfigError
-    when a key is missing, mismatched or left over."""
+    """A GemmaForCausalLM / Gemma2ForCausalLM folder's tensors and config.json as (our `lm` subtree, stacks
+    scanned when `scan`; our config.model keys (lm.*, text.vocab_size); the key-by-key reader). Raises the
+    reader's one-line ConfigError when a key is missing, mismatched or left over."""
+    from vlm_jax.hf.load import configured
+    from vlm_jax.models.gemma import GemmaLM
+    from vlm_jax.tasks.towers import gemma_config
+
     text = resolve_config(hf_config, ("gemma", "gemma2"))
+    values = lm_config_values(text)
+    lm = gemma_config(configured(values, "vlm", False).model)
     reader = TensorReader(tensors, f"{text.model_type} weights")
-    lm = gemma_from_torch(reader, text, scan, "model.", "lm_head.weight")
-    return lm, lm_config_values(text), reader
+    check_tied(reader, "lm_head.weight", "model.embed_tokens.weight")
+    abstract = {"lm": abstract_params(lambda rngs: GemmaLM(lm, rngs))}
+    params = import_tree(reader, gemma_rules("lm", "model", lm.spec()), abstract, scan)
+    return params["lm"], values, reader
