@@ -1,4 +1,4 @@
-# The two commands a new user needs:  make demo  (train + evaluate the demo)  and  make test.
+# The two commands a new user needs:  make demo  (train + evaluate + export the demo)  and  make test.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +12,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,hf]'
 	touch $@
 
 $(DATA)/classnames.json: | install
@@ -24,7 +24,8 @@ $(DATA)/spm.model: $(DATA)/classnames.json
 demo: install $(DATA)/spm.model
 	$(BIN)/python -m vlm_jax.train --config=configs/demo/clip_tiny.py:$(DATA) --workdir=$(WORKDIR)
 	$(BIN)/python -m vlm_jax.evaluate --workdir=$(WORKDIR)
-	@echo "Demo finished: metrics.jsonl, tensorboard/, checkpoints/ and eval_results.json are in $(WORKDIR)"
+	$(BIN)/python -m vlm_jax.export --workdir=$(WORKDIR) --out=$(WORKDIR)/hf
+	@echo "Demo finished: metrics.jsonl, tensorboard/, checkpoints/, eval_results.json and the transformers folder hf/ are in $(WORKDIR)"
 
 demo-data: install $(DATA)/spm.model
 
