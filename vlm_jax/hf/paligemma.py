@@ -7,8 +7,8 @@ unscaled and scales only text embeddings by sqrt(width), as we do. Its positions
 RoPE sees only differences) and its prefix-LM mask comes from token_type_ids (0: image + prefix, 1: suffix).
 
 The image token id is the tokenizer's vocabulary size (what the exported tokenizer gives "<image>"; without the
-tokenizer, the LM's vocabulary size): never a text id, and text_config.vocab_size stays ours. Tensor names are those of the
-published PaliGemma checkpoints (`language_model.model.*`, `vision_tower.vision_model.*`,
+tokenizer, the LM's vocabulary size): never a text id, and text_config.vocab_size stays ours. Tensor names are
+those of the published PaliGemma checkpoints (`language_model.model.*`, `vision_tower.vision_model.*`,
 `multi_modal_projector.*`, no `lm_head`: tied), which transformers 5 loads with no missing or unexpected key; an
 import also takes transformers 5's own names (`model.*`, `vision_tower.*` without `vision_model`).
 
