@@ -107,3 +107,43 @@ def test_export_kinds_are_checked_against_the_run(synthetic_shards, tmp_path, ca
         assert export.main([f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'o'}", *argv]) == 0
         model = transformers.AutoModel.from_pretrained(tmp_path / "o", local_files_only=True)
         assert type(model).__name__ == "SiglipVisionModel"
+
+
+@pytest.mark.slow
+def test_clip_architecture_trains_exports_each_step_and_matches_transformers(tmp_path):
+    """A CLIP-architecture run (model.arch=clip) trains 10 steps with export_every=5; WORKDIR/hf is a CLIPModel
+    whose logits on held-out images and prompts equal ours, and whose tokenizer gives our ids."""
+    from test_train_cli import run, train_args
+    from synthetic_data import make_data
+    import jax.numpy as jnp
+    from flax import nnx
+    from vlm_jax.hf.export import load_run
+    from data_pipelines.tokenizer import Tokenizer
+
+    data_dir = str(make_data(tmp_path / "data", train_samples=256, eval_samples=32, samples_per_shard=128))
+    workdir = tmp_path / "clip"
+    result = run(*train_args(data_dir, workdir, "--config.total_steps=10", "--config.export_every=5",
+                             "--config.model.arch=clip", "--config.model.image.pool=tok",
+                             "--config.model.text.pool=eos", "--config.model.image_projection=true",
+                             "--config.model.embed_dim=24"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "exported step 5" in result.stdout + result.stderr and "exported step 10" in result.stdout + result.stderr
+    hf = transformers.CLIPModel.from_pretrained(workdir / "hf", local_files_only=True)
+    assert "zeroshot/top1" in (workdir / "hf" / "README.md").read_text()  # the final evaluation's results
+    config, step, params = load_run(str(workdir))
+    assert step == 10
+    model = get_task(config).build_model(nnx.Rngs(0))
+    nnx.update(model, params)
+    texts = ["a red circle.", "A photo of a BLUE Square!", "there is a green triangle in the picture"]
+    ours_ids = Tokenizer(config.data.tokenizer).encode(texts, config.model.text.max_len)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / "hf", local_files_only=True)
+    hf_ids = tokenizer(texts, padding="max_length", truncation=True, return_tensors="np")
+    np.testing.assert_array_equal(hf_ids["input_ids"], ours_ids)
+    pixels = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    with torch.no_grad():
+        logits = hf(input_ids=torch.from_numpy(hf_ids["input_ids"]).long(),
+                    attention_mask=torch.from_numpy(hf_ids["attention_mask"]).long(),
+                    pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2))).logits_per_image.numpy()
+    zimg, ztxt = model.embed_image(jnp.asarray(pixels)), model.embed_text(jnp.asarray(ours_ids))
+    ours = np.exp(float(model.temperature()[0])) * np.asarray(zimg) @ np.asarray(ztxt).T
+    np.testing.assert_allclose(logits, ours, atol=1e-3, rtol=0)

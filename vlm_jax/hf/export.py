@@ -164,7 +164,7 @@ def _write_tokenizer(config: ml_collections.ConfigDict, kind: str, out: str) -> 
         return []
     if kind == "paligemma":  # the prompt builder adds BOS, separators and EOS; <image> marks image positions
         write_tokenizer_files(config.data.tokenizer, out, max_len=config.model.lm.max_len, add_bos=False,
-                              add_eos=False, lower=config.data.vlm.lower,
+                              add_eos=False, lower=dict(config.data.vlm).get("lower", True),
                               extra_special_tokens={"image_token": "<image>"})
     else:  # the contrastive pipeline's text: ids, EOS, padding to the model's length; SigLIP takes no mask
         names = ["input_ids"] if kind == "siglip" else ["input_ids", "attention_mask"]
