@@ -21,12 +21,16 @@ VALUE_RANGE_OPS = ("value_range", "normalize")
 TEXT_OPS = ("tokenize", "keep", "lower")
 
 
-def default_pp_eval(image_size: int, pp_train: str = "") -> str:
-    """Centre crop to image_size, then the value-range ops of `pp_train` (none: uint8, which the model maps to
-    [-1, 1] itself, as for the default training spec)."""
+def default_pp_eval(image_size: int, pp_train: str = "", crop: bool = True) -> str:
+    """transformers' image preprocessing, pixel for pixel (so exported models see what evaluation saw): a full
+    decode, Pillow's bicubic resize of the short side to image_size and the centre crop (CLIP / SigLIP
+    processors), or with crop=False of the whole image to a square (PaliGemma's); then the value-range ops of
+    `pp_train` (none: uint8, which the model maps to [-1, 1] itself, as for the default training spec)."""
     value_ops = [item.strip() for item in pp_train.split("|")
                  if item.strip() and ops.parse_spec(item)[0][0] in VALUE_RANGE_OPS]
-    return "|".join([f"decode_center_crop({image_size})", *value_ops])
+    geometry = (f"resize_small({image_size}, method='bicubic')|center_crop({image_size})" if crop
+                else f"resize({image_size}, method='bicubic')")
+    return "|".join(["decode", geometry, *value_ops])
 
 
 def build_image_op(spec: str) -> ops.Op:

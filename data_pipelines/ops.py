@@ -81,6 +81,8 @@ def build(spec: str, **context: Any) -> Op:
 # JPEGs decode with libjpeg-turbo through simplejpeg, at a reduced scale (M/8) when the crop allows; other
 # formats and JPEGs simplejpeg refuses (CMYK, ...) go through Pillow. Resizes use OpenCV. Measured on one core
 # (README, "Data pipeline"): 256-px JPEG -> random-resized crop 224 about 3x faster than Pillow alone.
+# Evaluation instead decodes at full size and resizes with Pillow's bicubic (method="bicubic"), which gives
+# transformers' image processors' pixels exactly (data_pipelines/eval_split.py default_pp_eval).
 
 cv2.setNumThreads(1)  # one image per worker process; OpenCV's own threads would only contend
 Box = tuple[float, float, float, float]  # left, top, right, bottom in pixels
@@ -120,10 +122,23 @@ def decode_image(data: bytes, min_width: int = 0, min_height: int = 0) -> np.nda
         raise SampleError("corrupt_image", repr(e)) from None
 
 
-def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Bilinear; area averaging when shrinking more than 2x (bilinear would alias)."""
+RESIZE_METHODS = ("linear", "bicubic")
+
+
+def _check_method(op: str, method: str) -> None:
+    """A one-line ValueError, when the spec is built, for an unknown resize method."""
+    if method not in RESIZE_METHODS:
+        raise ValueError(f"preprocessing op {op}: method {method!r}; expected one of {', '.join(RESIZE_METHODS)}")
+
+
+def _resize(image: np.ndarray, width: int, height: int, method: str = "linear") -> np.ndarray:
+    """method "linear": OpenCV bilinear, area averaging when shrinking more than 2x (bilinear would alias); fast,
+    for training. "bicubic": Pillow's antialiased BICUBIC, as transformers' image processors (and torchvision's
+    Resize of PIL images) do; for evaluation, so exported models see the same pixels."""
     if image.shape[1] == width and image.shape[0] == height:
         return image
+    if method == "bicubic":
+        return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC))
     shrink = min(image.shape[1] / width, image.shape[0] / height)
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrink > 2 else cv2.INTER_LINEAR)
 
@@ -208,21 +223,28 @@ def decode_center_crop(size: int, crop_fraction: float = 1.0) -> Op:
 
 
 @register("resize")
-def resize(size: int) -> Op:
-    """Square resize, aspect not kept."""
+def resize(size: int, method: str = "linear") -> Op:
+    """Square resize, aspect not kept; `method` "linear" (OpenCV) or "bicubic" (Pillow, as transformers)."""
+    _check_method("resize", method)
     def op(sample, rng):
-        return {**sample, "image": _resize(sample["image"], size, size)}
+        return {**sample, "image": _resize(sample["image"], size, size, method)}
     return op
 
 
 @register("resize_small")
-def resize_small(size: int) -> Op:
-    """Resize keeping the aspect ratio so the short side is `size`."""
+def resize_small(size: int, method: str = "linear") -> Op:
+    """Resize keeping the aspect ratio so the short side is `size`. method "linear" (OpenCV) rounds the long
+    side; "bicubic" (Pillow) floors it, as transformers' and torchvision's shortest-edge resizes do."""
+    _check_method("resize_small", method)
     def op(sample, rng):
         height, width = sample["image"].shape[:2]
-        factor = size / min(height, width)
-        target = (max(size, round(width * factor)), max(size, round(height * factor)))
-        return {**sample, "image": _resize(sample["image"], *target)}
+        if method == "bicubic":
+            long = int(size * max(height, width) / min(height, width))  # transformers' expression, same float
+            target = (size, long) if width <= height else (long, size)
+        else:
+            factor = size / min(height, width)
+            target = (max(size, round(width * factor)), max(size, round(height * factor)))
+        return {**sample, "image": _resize(sample["image"], *target, method)}
     return op
 
 

@@ -28,7 +28,8 @@ def test_default_eval_keeps_uint8_like_the_default_training_spec(synthetic_shard
 def test_default_eval_follows_a_float_training_value_range(synthetic_shards):
     """pp_train ends in value_range(0, 1): eval images must be in [0, 1] too (old: uint8 mapped to [-1, 1])."""
     pp_train = "decode_rrc(16)|flip_lr|value_range(0, 1)|tokenize(16)|keep('image', 'text')"
-    assert default_pp_eval(16, pp_train) == "decode_center_crop(16)|value_range(0, 1)"
+    assert default_pp_eval(16, pp_train) == ("decode|resize_small(16, method='bicubic')|center_crop(16)|"
+                                             "value_range(0, 1)")
     data = load_eval_data(config_for(synthetic_shards, f"data.pp_train={pp_train}"))
     uint8 = load_eval_data(config_for(synthetic_shards)).images
     assert data.images.dtype == np.float32

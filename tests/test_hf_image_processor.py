@@ -17,9 +17,10 @@ from vlm_jax.config import ConfigError, base_config
 from vlm_jax.evaluators.data import eval_preprocessing
 from vlm_jax.hf.image_processor import image_processor_config, write_image_processor
 
-# Measured on these images (max / mean abs in [-1, 1]): 0.51-0.93 / 0.017-0.039. Our pipeline decodes JPEGs at a
-# reduced DCT scale and resizes with OpenCV; transformers cannot (see vlm_jax/hf/image_processor.py).
-MAX_ABS, MEAN_ABS = 1.0, 0.05
+# The requirement, in [-1, 1]: one uint8 level (0.008) of slack for another libjpeg build. Measured on the JPEGs
+# below, both geometries, 224 and 256 px: max 1.2e-7, mean 4e-8 (float rounding: the same uint8 pixels). Before
+# (scaled DCT decode, crop, then OpenCV resize): max 0.34-0.93, mean 0.012-0.039.
+MAX_ABS = 1e-2
 
 
 def photo_like_jpeg(seed: int, width: int, height: int) -> bytes:
@@ -45,10 +46,13 @@ def photo_like_jpeg(seed: int, width: int, height: int) -> bytes:
     return out.getvalue()
 
 
-def model_config(image_size: int, pp_eval: str = "") -> ml_collections.ConfigDict:
+def model_config(image_size: int, pp_eval: str = "", vlm: bool = False) -> ml_collections.ConfigDict:
+    """`vlm`: a decoder-only VLM's config, whose default evaluation resizes whole images (PaliGemma)."""
     config = base_config()
     config.model.image.image_size = image_size
     config.data.pp_eval = pp_eval
+    if vlm:
+        config.data.vlm = {"image_tokens": (image_size // 16) ** 2}
     return config
 
 
@@ -65,24 +69,30 @@ def pixels_both_ways(config, tmp_path, data: bytes, kind: str = "siglip") -> tup
 
 
 @pytest.mark.parametrize("kind, pp_eval", [
-    ("siglip", ""), ("clip", ""), ("siglip", "decode(32)|resize(32)"),
-    ("siglip", "decode_center_crop(32)|value_range(0, 1)"),
-    ("clip", "decode|resize_small(32)|center_crop(32)|normalize((0.48, 0.46, 0.41), (0.27, 0.26, 0.28))")])
+    ("siglip", ""), ("clip", ""), ("siglip", "decode|resize(32, method='bicubic')"),
+    ("siglip", "decode|resize_small(32, method='bicubic')|center_crop(32)|value_range(0, 1)"),
+    ("clip", "decode|resize_small(32, method='bicubic')|center_crop(32)|normalize((0.48, 0.46, 0.41), "
+             "(0.27, 0.26, 0.28))")])
 def test_same_pixels_for_images_at_the_model_size(tmp_path, kind, pp_eval):
     hf, ours = pixels_both_ways(model_config(32, pp_eval), tmp_path, photo_like_jpeg(0, 32, 32), kind)
     assert hf.shape == ours.shape == (32, 32, 3)
     np.testing.assert_allclose(hf, ours, atol=1e-5)
 
 
-@pytest.mark.parametrize("pp_eval", ["", "decode({0})|resize({0})"])  # the default centre crop; a square resize
+@pytest.mark.parametrize("vlm", [False, True], ids=["centre_crop", "square_resize"])
 @pytest.mark.parametrize("image_size", [224, 256])
-def test_pixels_of_photo_like_jpegs_are_near_ours(tmp_path, pp_eval, image_size):
-    config = model_config(image_size, pp_eval.format(image_size))
+def test_default_eval_pixels_of_real_size_jpegs_are_transformers(tmp_path, vlm, image_size):
+    """Non-square JPEGs larger than the model, with the default data.pp_eval: a centre crop (CLIP / SigLIP) or,
+    for a VLM, the whole image resized to a square (PaliGemma)."""
+    config = model_config(image_size, vlm=vlm)
+    geometry = (f"resize({image_size}, method='bicubic')" if vlm else
+                f"resize_small({image_size}, method='bicubic')|center_crop({image_size})")
+    assert eval_preprocessing(config) == f"decode|{geometry}"
     for seed, (width, height) in enumerate([(500, 375), (333, 500), (1024, 683)]):
         hf, ours = pixels_both_ways(config, tmp_path, photo_like_jpeg(seed, width, height))
         error = np.abs(hf - ours)
         assert hf.shape == ours.shape == (image_size, image_size, 3)
-        assert error.max() < MAX_ABS and error.mean() < MEAN_ABS, (width, height, error.max(), error.mean())
+        assert error.max() < MAX_ABS, (width, height, error.max(), error.mean())
 
 
 def test_processor_config_keys_and_errors(tmp_path):
@@ -93,9 +103,14 @@ def test_processor_config_keys_and_errors(tmp_path):
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3,
         "image_std": [0.5] * 3, "image_seq_length": 256}
     assert AutoImageProcessor.from_pretrained(tmp_path).image_seq_length == 256
-    assert image_processor_config("decode_center_crop(224, crop_fraction=0.875)")["size"] == {"shortest_edge": 256}
-    for pp, message in [("decode_center_crop(64)|flip_lr", "has no transformers image processor equivalent"),
-                        ("resize(64)|value_range|resize(64)", "one value mapping, last")]:
+    assert image_processor_config("decode|resize_small(256, method='bicubic')|center_crop(224)")["size"] == {
+        "shortest_edge": 256}
+    inexact = ["decode|resize(64, method='bicubic')|flip_lr",  # an op transformers does not have
+               "decode_center_crop(64)",  # scaled DCT decode, crop before an OpenCV resize
+               "decode(64)|resize(64, method='bicubic')",  # scaled DCT decode
+               "decode|resize_small(64)|center_crop(64)"]  # OpenCV's resize
+    for pp, message in [*((pp, "has no transformers image processor equivalent") for pp in inexact),
+                        ("decode|resize(64)|value_range|resize(64)", "one value mapping, last")]:
         with pytest.raises(ConfigError, match=message) as error:
             image_processor_config(pp)
         assert "\n" not in str(error.value)

@@ -51,6 +51,24 @@ def test_image_pipeline_shapes_and_ranges():
     assert run("decode_rrc(16)", {"image": encoded(20, 20, "PNG")})["image"].shape == (16, 16, 3)
 
 
+def test_bicubic_resizes_are_pillows_with_transformers_rounding():
+    """method='bicubic' (evaluation) is Pillow's BICUBIC, the long side of resize_small floored as transformers
+    does (47 * 10 / 30 = 15.7 -> 15); the default (training) stays OpenCV's, rounded (16)."""
+    sample = {"image": encoded(47, 30)}
+    full = Image.open(io.BytesIO(sample["image"])).convert("RGB")
+    small = run("decode|resize_small(10, method='bicubic')", sample)["image"]
+    np.testing.assert_array_equal(small, np.asarray(full.resize((15, 10), Image.Resampling.BICUBIC)))
+    assert run("decode|resize_small(10)", sample)["image"].shape == (10, 16, 3)
+    tall = run("decode|resize_small(10, method='bicubic')", {"image": encoded(30, 47)})["image"]
+    assert tall.shape == (15, 10, 3)
+    square = run("decode|resize(12, method='bicubic')", sample)["image"]
+    np.testing.assert_array_equal(square, np.asarray(full.resize((12, 12), Image.Resampling.BICUBIC)))
+    for spec in ("resize(8, method='cubic')", "resize_small(8, method='area')"):
+        with pytest.raises(ValueError, match=r"^preprocessing op resize(_small)?: method '\w+'; expected one of "
+                                             r"linear, bicubic$"):
+            ops.build(spec)
+
+
 def test_random_crops_are_deterministic_per_generator_and_vary_across():
     sample = {"image": encoded(64, 48)}
     crops = [run("decode_rrc(16, scale=(0.1, 0.5))", sample, seed)["image"] for seed in (0, 0, 1)]

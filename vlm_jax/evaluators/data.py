@@ -40,13 +40,13 @@ class EvalData:
 
 
 def eval_preprocessing(config: ml_collections.ConfigDict) -> str:
-    """`config.data.pp_eval`, or a centre crop with training's pixel value range (default_pp_eval)."""
+    """`config.data.pp_eval`, or default_pp_eval (transformers' pixels) with training's pixel value range."""
     data, image_size = config.data, config.model.image.image_size
     if data.vlm is not None:  # VLM rows are whole images resized (PaliGemma): evaluate them the same way
         default = vlm_examples.default_pp_vlm(image_size)
     else:
         default = input_pipeline.default_pp_train(image_size, config.model.text.max_len)
-    return data.pp_eval or eval_split.default_pp_eval(image_size, data.pp_train or default)
+    return data.pp_eval or eval_split.default_pp_eval(image_size, data.pp_train or default, crop=data.vlm is None)
 
 
 def load_eval_data(config: ml_collections.ConfigDict, source: str | None = None, *,

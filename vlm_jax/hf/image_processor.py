@@ -1,19 +1,14 @@
 """The transformers image processor config (`preprocessor_config.json`) of a model's evaluation preprocessing.
 
-The geometry and value range follow `vlm_jax.evaluators.data.eval_preprocessing(config)`:
-  decode_center_crop(S, f)            -> resize the short side to S / f, centre crop S x S (CLIP style)
-  [decode(..)|]resize(S)              -> resize to S x S, no crop (PaliGemma / SigLIP style)
-  [decode(..)|]resize_small(S)[|center_crop(C)]
+The geometry and value range follow `vlm_jax.evaluators.data.eval_preprocessing(config)`, which must decode at
+full size and resize with Pillow's bicubic, as transformers does (the default data.pp_eval):
+  decode|resize_small(S, method='bicubic')|center_crop(C) -> short side to S (long side floored), centre crop C
+  decode|resize_small(S, method='bicubic')                -> short side to S, no crop
+  decode|resize(S, method='bicubic')                      -> S x S, no crop (PaliGemma)
 then uint8 -> [-1, 1] (the model's own mapping), or the spec's value_range(low, high) / normalize(mean, std).
-
-transformers cannot reproduce three things our pipeline does, so pixels differ though the geometry is the same:
-JPEGs are decoded at a reduced DCT scale (simplejpeg, M/8), resized with OpenCV (bilinear without antialiasing,
-area when shrinking > 2x), and the centre crop is taken before the resize; transformers decodes at full size
-(Pillow), resizes with Pillow's antialiased filters, then crops. BICUBIC is the closest Pillow filter to OpenCV's
-resize. On photo-like 300x300 .. 1024x683 JPEGs the difference is 0.012-0.039 mean, 0.34-0.93 max (in [-1, 1]);
-on images already at the model's size it is 0 (tests/test_hf_image_processor.py). An evaluation spec that
-decoded at full size, resized the short side with Pillow's BICUBIC (long side floored) and then cropped would
-give transformers' pixels exactly.
+Those give transformers' pixels exactly (tests/test_hf_image_processor.py). Other specs are refused: a JPEG
+decoded at a reduced DCT scale (decode(N), decode_center_crop) or OpenCV's resize (method 'linear'), and the crop
+taken before the resize, move pixels by up to 0.9 in [-1, 1] on real-size JPEGs.
 """
 
 from __future__ import annotations
@@ -46,22 +41,21 @@ def _ops(pp: str) -> list[tuple[str, dict[str, Any]]]:
 
 def _geometry(steps: list[tuple[str, dict[str, Any]]], pp: str) -> dict[str, Any]:
     names = tuple(name for name, _ in steps)
-    if names == ("decode_center_crop",):
-        size, fraction = steps[0][1]["size"], steps[0][1]["crop_fraction"]
-        return {"size": {"shortest_edge": round(size / fraction)}, "do_center_crop": True,
-                "crop_size": {"height": size, "width": size}}
-    if names == ("resize",):
-        size = steps[0][1]["size"]
+    exact = (names[:1] == ("decode",) and not steps[0][1]["min_size"] and len(steps) > 1
+             and steps[1][1].get("method") == "bicubic")
+    if exact and names[1:] == ("resize",):
+        size = steps[1][1]["size"]
         return {"size": {"height": size, "width": size}, "do_center_crop": False}
-    if names in (("resize_small",), ("resize_small", "center_crop")):
+    if exact and names[1:] in (("resize_small",), ("resize_small", "center_crop")):
         crop = {"do_center_crop": False}
-        if len(steps) == 2:
-            side = steps[1][1]["size"]
+        if len(steps) == 3:
+            side = steps[2][1]["size"]
             crop = {"do_center_crop": True, "crop_size": {"height": side, "width": side}}
-        return {"size": {"shortest_edge": steps[0][1]["size"]}, **crop}
+        return {"size": {"shortest_edge": steps[1][1]["size"]}, **crop}
     raise ConfigError(f"evaluation preprocessing {pp!r} has no transformers image processor equivalent: export "
-                      "supports decode_center_crop(S), [decode|]resize(S) and [decode|]resize_small(S)[|center_crop(C)] "
-                      "followed by at most one value_range or normalize")
+                      "supports decode|resize(S, method='bicubic') and decode|resize_small(S, method='bicubic')"
+                      "[|center_crop(C)] (full decode, Pillow bicubic; the default data.pp_eval) followed by at "
+                      "most one value_range or normalize")
 
 
 def _values(steps: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -80,7 +74,7 @@ def image_processor_config(pp: str, kind: str = "siglip") -> dict[str, Any]:
     `kind` ("siglip" or "clip"); a one-line ConfigError for a spec transformers cannot express."""
     if kind not in PROCESSOR_TYPES:
         raise ConfigError(f"image processor kind {kind!r}: expected one of {', '.join(PROCESSOR_TYPES)}")
-    steps = [(name, arguments) for name, arguments in _ops(pp) if name != "decode"]
+    steps = _ops(pp)
     values = [step for step in steps if step[0] in ("value_range", "normalize")]
     if len(values) > 1 or (values and steps[-1] is not values[0]):
         raise ConfigError(f"evaluation preprocessing {pp!r}: transformers applies one value mapping, last")
