@@ -39,12 +39,20 @@ model = AutoModel.from_pretrained("{out}")            # {cls}
 pixels = AutoImageProcessor.from_pretrained("{out}")(images=[Image.open("image.jpg")], return_tensors="pt")
 outputs = model(**pixels)                             # last_hidden_state, pooler_output
 ''',
-    "paligemma": '''from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+    "paligemma": '''import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoTokenizer, PaliGemmaForConditionalGeneration
 
-model = AutoModelForImageTextToText.from_pretrained("{out}")   # PaliGemmaForConditionalGeneration
-# Build input_ids as [<image> x {image_tokens}][BOS] prompt [separator] with the exported tokenizer, pixel_values
-# with the exported image processor, and token_type_ids 0 over the prefix; then model.generate(...).
+model = PaliGemmaForConditionalGeneration.from_pretrained("{out}")
+tokenizer = AutoTokenizer.from_pretrained("{out}")
+pixels = AutoImageProcessor.from_pretrained("{out}")(images=[Image.open("image.jpg")], return_tensors="pt").pixel_values
+# [<image> x {image_tokens}][BOS] prompt [separator], as in training; the prefix attends bidirectionally
+prompt = ([tokenizer.image_token_id] * {image_tokens} + [tokenizer.bos_token_id] + tokenizer("what shape?")["input_ids"]
+          + tokenizer("{separator}")["input_ids"])
+input_ids = torch.tensor([prompt])
+out = model.generate(input_ids=input_ids, pixel_values=pixels, attention_mask=torch.ones_like(input_ids),
+                     token_type_ids=torch.zeros_like(input_ids), max_new_tokens=16, do_sample=False)
+print(tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True))
 ''',
 }
 
@@ -70,15 +78,23 @@ def write(config: ml_collections.ConfigDict, summary: dict[str, Any], workdir: s
     max_len = m.text.max_len
     lines += ["", "## Loading", "", "```python",
               LOADING[kind].format(out=os.path.basename(out.rstrip("/")).removesuffix(".partial"), max_len=max_len, cls=cls,
-                                   image_tokens=summary["image_tokens"]).rstrip(), "```", ""]
+                                   image_tokens=summary["image_tokens"],
+                                   separator=dict(config.data.vlm or {}).get("separator", ";")).rstrip(), "```", ""]
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write("\n".join(lines))
     return ["README.md"]
 
 
+# The config.model sections each task's model is built from.
+MODEL_KEYS = {"contrastive": ("arch", "loss", "embed_dim", "image_projection", "image", "text"),
+              "captioning": ("image", "text", "decoder", "caption"), "coca": ("image", "text", "decoder", "coca"),
+              "vlm": ("image", "lm", "vlm")}
+
+
 def _training_summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    data = config.data
-    return {"task": config.task, "model": config.model.to_dict(), "optim": config.optim.to_dict(),
+    data, model = config.data, config.model.to_dict()
+    return {"task": config.task, "model": {key: model[key] for key in ("dtype", *MODEL_KEYS[config.task])},
+            "optim": config.optim.to_dict(),
             "data": {"train_shards": data.train_shards, "mixture": data.mixture, "tokenizer": data.tokenizer},
             "total_steps": config.total_steps, "batch_size": config.batch_size}
 
