@@ -22,8 +22,7 @@ from vlm_jax.tasks import get_task
 from vlm_jax.train_state import init_train_state, make_state_layout
 
 TINY = ["model.image.image_size=16", "model.image.width=32", "model.image.depth=1", "model.text.width=32",
-        "model.text.depth=1", "model.text.vocab_size=200", "model.text.max_len=16", "model.embed_dim=32",
-        "data.eval_batch_size=16"]
+        "model.text.depth=1", "model.text.vocab_size=200", "model.embed_dim=16", "data.eval_batch_size=16"]
 
 
 def write_workdir(workdir, config, state) -> None:

@@ -33,12 +33,16 @@ def one_line_error(capsys, argv, expected):
     assert err.count("\n") == 0 and err.startswith("error: ") and expected in err, err
 
 
-def test_demo_shaped_run_exports_a_loadable_siglip_folder(synthetic_shards, tmp_path, capsys):
+SIGLIP_SHAPED = ["model.arch=big_vision", "model.image.pool=map", "model.text.pool=last",
+                 "model.image_projection=false", "model.embed_dim=32"]
+
+
+def test_demo_run_exports_a_loadable_clip_folder(synthetic_shards, tmp_path, capsys):
     config = make_workdir(tmp_path / "run", synthetic_shards)
     out = tmp_path / "hf"
     assert export.main([f"--workdir={tmp_path / 'run'}", f"--out={out}"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["class"] == "SiglipModel" and summary["step"] == 1
+    assert summary["class"] == "CLIPModel" and summary["step"] == 1
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "preprocessor_config.json", "README.md"):
         assert (out / name).is_file(), name
@@ -46,10 +50,8 @@ def test_demo_shaped_run_exports_a_loadable_siglip_folder(synthetic_shards, tmp_
         assert f.metadata() == {"format": "pt"}
         assert {f.get_tensor(key).dtype for key in f.keys()} == {np.dtype(np.float32)}
     model, info = transformers.AutoModel.from_pretrained(out, local_files_only=True, output_loading_info=True)
-    assert type(model).__name__ == "SiglipModel"
+    assert type(model).__name__ == "CLIPModel"
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    assert float(model.logit_bias) == 0.0  # softmax-trained: the model card says so
-    assert "logit_bias" in (out / "README.md").read_text()
     tokenizer = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
     assert tokenizer.model_max_length == config.model.text.max_len
     processor = transformers.AutoImageProcessor.from_pretrained(out, local_files_only=True)
@@ -58,14 +60,16 @@ def test_demo_shaped_run_exports_a_loadable_siglip_folder(synthetic_shards, tmp_
     assert not (tmp_path / "hf.partial").exists()
 
 
-def test_sharded_export_has_an_index_and_loads(synthetic_shards, tmp_path, capsys):
-    make_workdir(tmp_path / "run", synthetic_shards)
+def test_softmax_siglip_exports_sharded_with_an_index_and_zero_bias(synthetic_shards, tmp_path, capsys):
+    make_workdir(tmp_path / "run", synthetic_shards, SIGLIP_SHAPED)
     out = tmp_path / "hf"
     assert export.main([f"--workdir={tmp_path / 'run'}", f"--out={out}", "--max-shard-gb=0.0001"]) == 0
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     model, info = transformers.SiglipModel.from_pretrained(out, local_files_only=True, output_loading_info=True)
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert float(model.logit_bias) == 0.0  # softmax-trained: the model card says so
+    assert "logit_bias" in (out / "README.md").read_text()
     _, params, reader = load.load_folder(str(out))
     reader.check()
 
@@ -73,7 +77,7 @@ def test_sharded_export_has_an_index_and_loads(synthetic_shards, tmp_path, capsy
 def test_bad_input_gets_one_line(synthetic_shards, tmp_path, capsys):
     make_workdir(tmp_path / "gap", synthetic_shards, ["model.image.pool=gap"])
     one_line_error(capsys, [f"--workdir={tmp_path / 'gap'}", f"--out={tmp_path / 'o'}"],
-                   "image pool 'gap' (SigLIP pools with a MAP head)")
+                   "not CLIPModel (image pool 'gap' (CLIP pools its class token))")
     one_line_error(capsys, [f"--workdir={tmp_path / 'gap'}", f"--out={tmp_path / 'o'}", "--as=paligemma"],
                    "does not export as paligemma")
     (tmp_path / "empty").mkdir()
@@ -97,21 +101,21 @@ def test_import_refuses_pickle_weights(tmp_path, capsys):
     assert err.count("\n") == 0 and "pickle weights (pytorch_model.bin)" in err, err
 
 
-@pytest.mark.parametrize("argv", [["--as=clip"], ["--as=vision"]])
+@pytest.mark.parametrize("argv", [["--as=siglip"], ["--as=vision"]])
 def test_export_kinds_are_checked_against_the_run(synthetic_shards, tmp_path, capsys, argv):
     make_workdir(tmp_path / "run", synthetic_shards)
-    if argv == ["--as=clip"]:
+    if argv == ["--as=siglip"]:
         one_line_error(capsys, [f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'o'}", *argv],
-                       "model.arch is 'big_vision' (CLIP needs 'clip')")
+                       "model.arch is 'clip' (SigLIP is 'big_vision')")
     else:
         assert export.main([f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'o'}", *argv]) == 0
         model = transformers.AutoModel.from_pretrained(tmp_path / "o", local_files_only=True)
-        assert type(model).__name__ == "SiglipVisionModel"
+        assert type(model).__name__ == "CLIPVisionModel"
 
 
 @pytest.mark.slow
 def test_clip_architecture_trains_exports_each_step_and_matches_transformers(tmp_path):
-    """A CLIP-architecture run (model.arch=clip) trains 10 steps with export_every=5; WORKDIR/hf is a CLIPModel
+    """A CLIP-architecture run (the demo's model.arch=clip) trains 10 steps with export_every=5; WORKDIR/hf is a CLIPModel
     whose logits on held-out images and prompts equal ours, and whose tokenizer gives our ids."""
     from test_train_cli import run, train_args
     from synthetic_data import make_data
@@ -123,9 +127,7 @@ def test_clip_architecture_trains_exports_each_step_and_matches_transformers(tmp
     data_dir = str(make_data(tmp_path / "data", train_samples=256, eval_samples=32, samples_per_shard=128))
     workdir = tmp_path / "clip"
     result = run(*train_args(data_dir, workdir, "--config.total_steps=10", "--config.export_every=5",
-                             "--config.model.arch=clip", "--config.model.image.pool=tok",
-                             "--config.model.text.pool=eos", "--config.model.image_projection=true",
-                             "--config.model.embed_dim=24"))
+                             "--config.model.embed_dim=24"))  # the demo's CLIP architecture, shrunk
     assert result.returncode == 0, result.stderr[-3000:]
     assert "exported step 5" in result.stdout + result.stderr and "exported step 10" in result.stdout + result.stderr
     hf = transformers.CLIPModel.from_pretrained(workdir / "hf", local_files_only=True)

@@ -124,3 +124,29 @@ def test_uint8_pixels_are_mapped_to_minus_one_one_on_device():
     vit = ViT(tiny_vit(), nnx.Rngs(0))
     np.testing.assert_allclose(vit(jnp.asarray(pixels)), vit(jnp.asarray(pixels / 127.5 - 1, jnp.float32)),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_clip_architecture_vit_keeps_its_class_token_out_of_patch_outputs():
+    """model.arch "clip": a class token whatever the pool; pool "none" (decoders, VLMs) passes the patch tokens on,
+    the class token having taken part in attention; the CLIP ViT has ln_pre and no patch bias."""
+    config = ViTConfig(variant="mu/8", image_size=16, pool="none", cls_token=True, pre_norm=True, patch_bias=False,
+                       act="quick_gelu", norm_eps=1e-5)
+    vit = ViT(config, nnx.Rngs(0))
+    images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
+    assert vit(images).shape == (2, 4, SIZES["mu"][0])
+    assert vit.posemb.shape == (5, SIZES["mu"][0]) and vit.cls_token.shape == (SIZES["mu"][0],)
+    assert not hasattr(vit.patch_embed, "bias") or vit.patch_embed.bias is None
+    tok = ViT(ViTConfig(variant="mu/8", image_size=16, pool="tok", pre_norm=True, patch_bias=False, act="quick_gelu",
+                        norm_eps=1e-5), nnx.Rngs(0))
+    nnx.update(tok, nnx.state(vit, nnx.Param))  # the same parameters: pool "tok" reads the class token
+    assert vit.encoder.ln_final.epsilon == 1e-5 and tok(images).shape == (2, SIZES["mu"][0])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_text_eos_pooling_reads_the_first_eos(causal):
+    """pool "eos" (CLIP): the first EOS token's output; with a causal tower the tokens after it change nothing."""
+    config = TextConfig(size="mu", vocab_size=20, max_len=6, pool="eos", causal=causal, eos_id=1)
+    text = TextEncoder(config, nnx.Rngs(0))
+    tokens = jnp.array([[5, 6, 1, 0, 0, 0], [5, 6, 1, 7, 8, 1]])
+    pooled = np.asarray(text(tokens))
+    assert (np.abs(pooled[0] - pooled[1]).max() < 1e-6) == causal

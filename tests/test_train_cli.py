@@ -18,8 +18,7 @@ DEMO = "configs/demo/clip_tiny.py"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.image.image_size=16", "--config.model.image.width=32", "--config.model.image.depth=1",
         "--config.model.text.width=32", "--config.model.text.depth=1", "--config.model.text.vocab_size=200",
-        "--config.model.text.max_len=16",
-        "--config.model.embed_dim=32", "--config.batch_size=32", "--config.log_every=5",
+        "--config.model.embed_dim=16", "--config.batch_size=32", "--config.log_every=5",
         "--config.checkpoint_every=5", "--config.eval_every=0", "--config.optim.warmup_steps=2",
         "--config.data.shuffle_buffer=64", "--config.data.eval_batch_size=64"]
 
@@ -179,7 +178,7 @@ def test_resume_refuses_config_changes_unless_allowed(data_dir, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     longer = train_args(data_dir, tmp_path, "--config.total_steps=10")
     assert_one_line_error(run(*longer), "config key 'total_steps' is 10 but the run in")
-    other_model = run(*longer, "--config.model.image.mlp_dim=64", "--allow-change=all")
+    other_model = run(*longer, "--config.model.embed_dim=24", "--allow-change=all")
     assert_one_line_error(other_model, "holds a checkpoint of a different model")
     allowed = run(*longer, "--allow-change=total_steps")
     assert allowed.returncode == 0, allowed.stderr[-3000:]

@@ -22,7 +22,7 @@ def vit_forward_flops(image: ViTConfig) -> int:
     """The patch embedding and encoder of a ViT (no pooling head)."""
     spec, patch = image.encoder_spec(), parse_variant(image.variant)[1]
     patches = (image.image_size // patch) ** 2
-    tokens = patches + (image.pool == "tok")
+    tokens = patches + image.has_cls_token
     return 2 * patches * patch * patch * 3 * spec.width + encoder_forward_flops(tokens, spec.width, spec.depth,
                                                                                 spec.mlp_dim)
 
@@ -59,7 +59,7 @@ def two_towers_train_flops_per_sample(model: ml_collections.ConfigDict, image_fr
     img, txt = image.encoder_spec(), text.encoder_spec()
     patch = parse_variant(image.variant)[1]
     patches = (image.image_size // patch) ** 2
-    image_tokens = patches + (image.pool == "tok")
+    image_tokens = patches + (image.pool == "tok" or model.arch == "clip")  # CLIP always has a class token
     image_forward = (2 * patches * patch * patch * 3 * img.width
                      + encoder_forward_flops(image_tokens, img.width, img.depth, img.mlp_dim)
                      + 2 * img.width * model.embed_dim * model.image_projection)

@@ -25,14 +25,14 @@ def get_config(arg=None):
     c.model.embed_dim = 96
     c.model.image.variant = "mu/8"
     c.model.image.image_size = 32
-    # SigLIP-shaped towers (MAP head, no image projection, last-token text pooling): the run exports exactly as a
-    # transformers SiglipModel (with logit_bias 0, as it is trained with the softmax loss).
-    c.model.image.pool = "map"
-    c.model.image_projection = False
+    # OpenAI CLIP's architecture (class token, ln_pre, quick GELU, causal text pooled at its EOS): the run exports
+    # exactly as a transformers CLIPModel, which transformers' pipelines use as they are.
+    c.model.arch = "clip"
+    c.model.image.pool = "tok"
     c.model.text.size = "mu"
     c.model.text.vocab_size = 1000
-    c.model.text.max_len = 64  # SigLIP's text length: transformers' zero-shot pipeline pads SigLIP text to 64
-    c.model.text.pool = "last"
+    c.model.text.max_len = 16
+    c.model.text.pool = "eos"
     for tower, depth in ((c.model.image, 3), (c.model.text, 2)):
         tower.width, tower.depth, tower.mlp_dim, tower.num_heads = 96, depth, 384, 4
 

@@ -16,7 +16,7 @@ from vlm_jax.config import sibling_recipe
 
 def get_config(arg=None):
     c = sibling_recipe(__file__, "clip_tiny.py", arg)
-    c.model.text.max_len = 16  # the captions fit: clip_tiny pads to SigLIP's 64 for transformers
+    c.model.arch = "big_vision"  # the encoder-decoder recipes keep big_vision's ViT (clip_tiny is CLIP-shaped)
     c.task = "coca"
     c.model.image.pool = "none"
     c.model.decoder.size = "mu"

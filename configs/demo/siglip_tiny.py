@@ -13,4 +13,9 @@ from vlm_jax.config import sibling_recipe
 def get_config(arg=None):
     c = sibling_recipe(__file__, "clip_tiny.py", arg)
     c.model.loss = "sigmoid"
+    # SigLIP's shapes (MAP head, no image projection, bidirectional text pooled at its last token): exports exactly
+    # as a transformers SiglipModel.
+    c.model.arch = "big_vision"
+    c.model.image.pool, c.model.text.pool = "map", "last"
+    c.model.image_projection = False
     return c

@@ -26,7 +26,6 @@ QUESTIONS = {"colour": {"prompt": "what colour?", "answer": "{colour}"},
 def get_config(arg=None):
     data_dir, _, image_workdir = (arg or "demo_out/data").partition(",")
     c = sibling_recipe(__file__, "clip_tiny.py", data_dir)
-    c.model.text.max_len = 16  # the captions fit: clip_tiny pads to SigLIP's 64 for transformers
     c.task = "vlm"
     c.total_steps = 2000
     c.batch_size = 32  # rows of up to 3 examples (about 75 examples per step)

@@ -4,8 +4,8 @@ export works for users, compared with `vlm_jax.evaluate` on the same images.
     python -m vlm_jax.hf.zero_shot_pipeline --model=OUT --eval='DIR/eval/*.tar' --classnames=DIR/classnames.json
         [--template="a photo of a {}."] [--limit=N]
 
-The pipeline reads the JPEG bytes with Pillow and preprocesses them with the exported image processor; the text
-side pads to the model's length (SigLIP pools a fixed position, so the pipeline's 64 is replaced by it).
+The pipeline is called as users call it: Pillow images, the exported image processor and tokenizer, its own
+padding (transformers pads SigLIP text to 64 tokens, so a SigLIP export serves the pipeline when trained at 64).
 """
 
 from __future__ import annotations
@@ -26,12 +26,10 @@ def pipeline_top1(model: str, source: str, classnames: list[str], template: str,
     from PIL import Image
 
     classify = transformers.pipeline("zero-shot-image-classification", model=model, local_files_only=True)
-    max_len = classify.model.config.text_config.max_position_embeddings
     samples = [s for s in raw_eval_samples(source) if "__skipped__" not in s and int(s.get("label", -1)) >= 0]
     samples = samples[:limit] if limit else samples
     images = [Image.open(io.BytesIO(sample["image"])).convert("RGB") for sample in samples]
-    results = classify(images, candidate_labels=classnames, hypothesis_template=template, batch_size=batch_size,
-                       tokenizer_kwargs={"padding": "max_length", "max_length": max_len, "truncation": True})
+    results = classify(images, candidate_labels=classnames, hypothesis_template=template, batch_size=batch_size)
     correct = sum(result[0]["label"] == classnames[int(sample["label"])] for result, sample in zip(results, samples))
     return correct / len(samples), len(samples)
 

@@ -14,7 +14,7 @@ from flax import nnx
 from vlm_jax.models.layers import (Encoder, EncoderSpec, MapHead, TowerOptions, layer_norm, parse_size, partitioned,
                                    sincos_2d)
 
-POOLS = ("map", "gap", "tok", "none")  # none: every token [B, N, D] (for decoders)
+POOLS = ("map", "gap", "tok", "none")  # none: every patch token [B, N, D] (for decoders)
 POSEMBS = ("learn", "sincos2d")
 
 
@@ -35,6 +35,11 @@ class ViTConfig(TowerOptions):
     posemb: str = "learn"
     pre_norm: bool = False  # a LayerNorm before the encoder (OpenAI CLIP's `ln_pre`)
     patch_bias: bool = True  # OpenAI CLIP's patch embedding has none
+    cls_token: bool = False  # a class token whatever the pool (OpenAI CLIP); pool "tok" always has one
+
+    @property
+    def has_cls_token(self) -> bool:
+        return self.cls_token or self.pool == "tok"
 
     def encoder_spec(self) -> EncoderSpec:
         return self.spec_for(parse_variant(self.variant)[0])
@@ -60,8 +65,8 @@ class ViT(nnx.Module):
             use_bias=config.patch_bias, dtype=config.dtype, param_dtype=jnp.float32, rngs=rngs,
             kernel_init=partitioned(nnx.initializers.lecun_normal(), (None, None, None, "embed")),
             bias_init=partitioned(nnx.initializers.zeros_init(), ("embed",)))
-        num_tokens = self.grid**2 + (config.pool == "tok")
-        if config.pool == "tok":
+        num_tokens = self.grid**2 + config.has_cls_token
+        if config.has_cls_token:
             self.cls_token = nnx.Param(partitioned(nnx.initializers.zeros_init(), ("embed",))(
                 rngs.params(), (spec.width,), jnp.float32))
         if config.posemb == "learn":
@@ -80,7 +85,7 @@ class ViT(nnx.Module):
             image_BxHxWx3 = image_BxHxWx3.astype(jnp.float32) * (2 / 255) - 1
         x = self.patch_embed(image_BxHxWx3.astype(cfg.dtype))
         x_BxNxD = x.reshape(x.shape[0], -1, self.width)
-        if cfg.pool == "tok":
+        if cfg.has_cls_token:
             cls_Bx1xD = jnp.broadcast_to(self.cls_token[...].astype(cfg.dtype), (x.shape[0], 1, self.width))
             x_BxNxD = jnp.concatenate([cls_Bx1xD, x_BxNxD], axis=1)
         if cfg.posemb == "learn":
@@ -95,6 +100,6 @@ class ViT(nnx.Module):
             return self.map_head(x_BxNxD)
         if cfg.pool == "gap":
             return x_BxNxD.mean(axis=1)
-        if cfg.pool == "none":
-            return x_BxNxD
+        if cfg.pool == "none":  # the patch tokens (a class token took part in attention only)
+            return x_BxNxD[:, int(cfg.has_cls_token):]
         return x_BxNxD[:, 0]

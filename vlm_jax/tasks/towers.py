@@ -16,7 +16,7 @@ SIZE_OVERRIDES = ("width", "depth", "mlp_dim", "num_heads")
 # model.arch -> (the towers' shared options, the ViT's, the text tower's)
 ARCHITECTURES = {
     "big_vision": ({}, {}, {}),
-    "clip": ({"act": "quick_gelu", "norm_eps": 1e-5}, {"pre_norm": True, "patch_bias": False}, {"causal": True}),
+    "clip": ({"act": "quick_gelu", "norm_eps": 1e-5}, {"pre_norm": True, "patch_bias": False, "cls_token": True}, {"causal": True}),
 }
 GEMMA_OVERRIDES = ("num_kv_heads", "head_dim", "window", "attn_softcap", "final_softcap", "rope_base",
                    "rope_base_local", "qk_norm", "post_norms", "layer_pattern")
