@@ -282,6 +282,33 @@ def test_gemma_import_round_trip_and_logits(tmp_path):
         assert max_diff(logits, hf_model(torch.from_numpy(ids)).logits) < 1e-4
 
 
+def test_a_vlm_initialises_its_lm_from_a_gemma_folder(tmp_path):
+    """init_from {"lm": {"hf": FOLDER}}: the VLM's LM equals the imported GemmaForCausalLM, with the key report."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+    from vlm_jax.hf.load import load_folder
+    from vlm_jax.param_init import initialise_from
+    from vlm_jax.parallel.mesh import make_mesh
+    from vlm_jax.pytree import leaves_with_path_str
+    from vlm_jax.train_state import init_train_state, make_state_layout
+
+    config = vlm_config()
+    spec = gemma_config(config.model).spec()
+    random_hf(GemmaForCausalLM(GemmaConfig(
+        hidden_size=spec.width, intermediate_size=spec.mlp_dim, num_hidden_layers=spec.depth,
+        num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+        vocab_size=VOCAB))).save_pretrained(tmp_path / "gemma")
+    mesh = make_mesh(config.mesh)
+    layout = make_state_layout(get_task(config), config, mesh)
+    lines = []
+    state = initialise_from(init_train_state(layout, 0), {"lm": {"hf": str(tmp_path / "gemma")}}, layout, mesh,
+                            lines.append, config.model.scan)
+    _, imported, _ = load_folder(str(tmp_path / "gemma"), config.model.scan)
+    got = dict(leaves_with_path_str(state["params"]["lm"]))
+    for path, value in leaves_with_path_str(imported["lm"]):
+        np.testing.assert_array_equal(np.asarray(got[path]), value, err_msg=path)
+    assert any("0 missing, 0 mismatched, 0 unexpected" in line for line in lines)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"vlm.projector": "mlp"}, "model.vlm.projector 'mlp'"),
     ({"cls_token": True}, "no transformers key: image_encoder/cls_token"),

@@ -48,8 +48,9 @@ def load_folder(folder: str, scan: bool = False) -> tuple[ml_collections.ConfigD
         from vlm_jax.hf import paligemma
         importer = paligemma.paligemma_import if hf.model_type == "paligemma" else paligemma.gemma_import
         params, values, reader = importer(tensors, hf.to_dict(), scan)
-        config = configured(values, "vlm", scan)
-        return config, params, reader
+        if hf.model_type != "paligemma":  # a language model alone: a VLM's `lm`
+            params = {"lm": params}
+        return configured(values, "vlm", scan), params, reader
     if hf.model_type not in CONTRASTIVE:
         raise ConfigError(f"{folder} holds a {hf.model_type!r} model; importable: "
                           f"{', '.join([*CONTRASTIVE, *LANGUAGE])}")
