@@ -230,3 +230,30 @@ def test_lit_initialises_an_image_tower_from_a_siglip_folder(tmp_path, scan):
     for path, value in leaves_with_path_str(imported["image_encoder"]):
         np.testing.assert_array_equal(np.asarray(got[path]), value, err_msg=path)
     assert any("0 missing, 0 mismatched, 0 unexpected" in line for line in lines)
+
+
+def test_an_export_never_drops_a_parameter():
+    config = tiny_config("siglip")
+    params = {**params_of(random_model(config)), "extra_head": {"kernel": np.zeros((3, 3), np.float32)}}
+    with pytest.raises(ConfigError, match="parameters with no transformers key: extra_head/kernel"):
+        contrastive.export_tensors(params, config, "siglip")
+
+
+def test_captioner_exports_its_vision_tower_and_refuses_the_rest(tmp_path):
+    """A captioner's ViT (every patch token, no head) is a SiglipVisionModel without head: last_hidden_state equal;
+    asking for the whole model gets one line saying its decoder has no transformers class."""
+    from vlm_jax.hf.export import resolve_kind
+    config = tiny_config("siglip")
+    config.task, config.model.decoder.size, config.model.decoder.depth = "captioning", "mu", 1
+    model = random_model(config)
+    assert resolve_kind(config, "auto") == "vision"
+    with pytest.raises(ConfigError, match="captioning model has no transformers class"):
+        resolve_kind(config, "siglip")
+    out = write_folder(tmp_path, config, params_of(model), "vision")
+    hf, info = transformers.SiglipVisionModel.from_pretrained(out, output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert hf.config.vision_use_head is False
+    pixels, _ = inputs(16)
+    with torch.no_grad():
+        hidden = hf(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2))).last_hidden_state.numpy()
+    np.testing.assert_allclose(hidden, np.asarray(model.image_encoder(pixels)), atol=1e-4)

@@ -128,8 +128,11 @@ def export_tensors(params: dict, config: ml_collections.ConfigDict, kind: str) -
     pool = image_pool(config)
     flat = {path: np.asarray(x) for path, x in leaves_with_path_str(weights.unstack_all(params, m.scan))}
     rules = _rules(m, kind, pool)
-    tensors = export(flat, rules)
     head = _map_head_prefix(rules)
+    in_proj = [f"{path}/{leaf}" for path in map_head_in_proj("image_encoder") for leaf in ("kernel", "bias")]
+    if kind == "vision":  # the image tower alone: the rest of the model stays behind
+        flat = {path: x for path, x in flat.items() if path.startswith("image_encoder/")}
+    tensors = export(flat, rules, (*(in_proj if head else ()), "logit_bias"))
     if head:
         q, k, v = (flat[f"{path}/kernel"] for path in map_head_in_proj("image_encoder"))
         tensors[f"{head}attention.in_proj_weight"] = np.concatenate([weights.heads_in_to_torch(x) for x in (q, k, v)])

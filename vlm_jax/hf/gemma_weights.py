@@ -75,11 +75,7 @@ def export_flat(params: dict, scan: bool, rules: list[Rule]) -> dict[str, np.nda
     """transformers' float32 tensors of `params` (layer stacks scanned or not) by `rules`; a one-line
     ConfigError naming any parameter the rules leave out, except `prior_lm` (PRIOR's frozen reference LM)."""
     flat = {path: np.asarray(x, np.float32) for path, x in leaves_with_path_str(unstack_all(params, scan))}
-    left = sorted(set(flat) - {rule.ours for rule in rules} - {p for p in flat if p.startswith("prior_lm/")})
-    if left:
-        raise ConfigError(f"parameters with no transformers key: {', '.join(left[:3])}"
-                          + (f" and {len(left) - 3} more" if len(left) > 3 else ""))
-    return export(flat, rules)
+    return export(flat, rules, left_out=("prior_lm/",))
 
 
 def abstract_params(build: Callable[[nnx.Rngs], nnx.Module]) -> dict:

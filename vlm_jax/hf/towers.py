@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 
+from vlm_jax.config import ConfigError
 from vlm_jax.hf import weights
 from vlm_jax.models.layers import EncoderSpec
 
@@ -99,8 +100,16 @@ def map_head_in_proj(ours: str) -> tuple[str, str, str]:
     return tuple(f"{ours}/map_head/attn/{name}" for name in ("query", "key", "value"))
 
 
-def export(flat: dict[str, np.ndarray], rules: list[Rule]) -> dict[str, np.ndarray]:
-    """transformers tensors from our flat {path: array} by `rules`."""
+def export(flat: dict[str, np.ndarray], rules: list[Rule], elsewhere: tuple[str, ...] = (),
+           left_out: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """transformers tensors from our flat {path: array} by `rules`; a one-line ConfigError naming any parameter
+    that neither a rule, nor `elsewhere` (paths the caller converts itself), nor a `left_out` prefix covers: an
+    export never drops weights silently."""
+    covered = {rule.ours for rule in rules} | set(elsewhere)
+    left = sorted(path for path in set(flat) - covered if not path.startswith(left_out))
+    if left:
+        raise ConfigError(f"parameters with no transformers key: {', '.join(left[:3])}"
+                          + (f" and {len(left) - 3} more" if len(left) > 3 else ""))
     return {rule.hf: LAYOUTS[rule.layout][0](flat[rule.ours]) for rule in rules}
 
 
