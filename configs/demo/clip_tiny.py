@@ -4,8 +4,11 @@
     python -m data_pipelines.tokenizer train --shards 'demo_out/data/train/*.tar' --out demo_out/data/spm.model
     python -m vlm_jax.train --config=configs/demo/clip_tiny.py:demo_out/data --workdir=demo_out/clip_tiny
 
-Hardware: 2 CPU cores. Wall time: about 3 minutes of training after the data is written.
-Expected: zero-shot top-1 >= 80% on the 24 held-out colour x shape classes (see README for the measured run).
+    python -m vlm_jax.export --workdir=demo_out/clip_tiny --out=demo_out/clip_tiny/hf     # a transformers CLIPModel
+
+Hardware: 2 CPU cores. Measured: 141 s of training (both evaluations included) after the data is written;
+zero-shot top-1 92.1% on the 24 held-out colour x shape classes (91.9% through transformers' zero-shot pipeline
+on the export; README, "Hugging Face"). Target: >= 80%.
 The argument is the data directory written by make_shards (default demo_out/data).
 """
 
