@@ -3,7 +3,6 @@
     python -m data_pipelines.make_shards synthetic --out demo_out/data
     python -m data_pipelines.tokenizer train --shards 'demo_out/data/train/*.tar' --out demo_out/data/spm.model
     python -m vlm_jax.train --config=configs/demo/clip_tiny.py:demo_out/data --workdir=demo_out/clip_tiny
-
     python -m vlm_jax.export --workdir=demo_out/clip_tiny --out=demo_out/clip_tiny/hf     # a transformers CLIPModel
 
 Hardware: 2 CPU cores. Measured: 141 s of training (both evaluations included) after the data is written;
