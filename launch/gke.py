@@ -37,10 +37,11 @@ USAGE = ("python -m launch.gke --name NAME --image IMAGE (--tpu TYPE [--slices N
 CONTAINER = "train"
 TPU_LABELS = {"v4": "tpu-v4-podslice", "v5p": "tpu-v5p-slice", "v5e": "tpu-v5-lite-podslice",
               "v6e": "tpu-v6e-slice"}  # cloud.google.com/gke-tpu-accelerator values
-# name -> (cloud.google.com/gke-accelerator value, GPUs per node of its 8-GPU machine type)
-GPU_TYPES = {"h100-80gb": ("nvidia-h100-80gb", 8), "h100-mega-80gb": ("nvidia-h100-mega-80gb", 8),
-             "h200-141gb": ("nvidia-h200-141gb", 8), "b200": ("nvidia-b200", 8),
-             "a100-80gb": ("nvidia-a100-80gb", 8), "a100-40gb": ("nvidia-tesla-a100", 8), "l4": ("nvidia-l4", 8)}
+# name -> cloud.google.com/gke-accelerator value; each type's largest machine has 8 GPUs
+GPU_TYPES = {"h100-80gb": "nvidia-h100-80gb", "h100-mega-80gb": "nvidia-h100-mega-80gb",
+             "h200-141gb": "nvidia-h200-141gb", "b200": "nvidia-b200", "a100-80gb": "nvidia-a100-80gb",
+             "a100-40gb": "nvidia-tesla-a100", "l4": "nvidia-l4"}
+MAX_GPUS_PER_NODE = 8
 GPU_COORDINATOR_PORT = 6002
 DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 
@@ -109,32 +110,33 @@ def jobset(args: argparse.Namespace, replicated_job: str, replicas: int, pods: i
 def tpu_jobset(args: argparse.Namespace, command: list[str], env: dict[str, str]) -> dict:
     topology = parse_topology(args.tpu)
     chips_per_host = 1 if topology.chips == 1 else 4
+    hosts, slices = topology.chips // chips_per_host, 1 if args.slices is None else args.slices
+    check_hostnames(args.name, "slice", slices, hosts)
     selector = {"cloud.google.com/gke-tpu-accelerator": TPU_LABELS[topology.generation],
                 "cloud.google.com/gke-tpu-topology": topology.shape}
     main = container(args.image, command, {"VLM_JAX_AUTO_DISTRIBUTED": "1"} | env,
                      {"google.com/tpu": chips_per_host}, [8471, 8080])
-    check_hostnames(args.name, "slice", args.slices, topology.chips // chips_per_host)
-    return jobset(args, "slice", args.slices, topology.chips // chips_per_host, pod_spec(args, selector, main),
+    return jobset(args, "slice", slices, hosts, pod_spec(args, selector, main),
                   {"alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"})
 
 
 def gpu_jobset(args: argparse.Namespace, command: list[str], env: dict[str, str]) -> dict:
     if args.gpu not in GPU_TYPES:
         raise UsageError(f"unknown GPU type {args.gpu!r}; known: {', '.join(GPU_TYPES)}")
-    label, per_node = GPU_TYPES[args.gpu]
-    gpus = args.gpus_per_node or per_node
-    if not 1 <= gpus <= per_node:
-        raise UsageError(f"--gpus-per-node {gpus}: a {args.gpu} node has 1 to {per_node}")
-    check_hostnames(args.name, "workers", 1, args.nodes)
+    gpus = MAX_GPUS_PER_NODE if args.gpus_per_node is None else args.gpus_per_node
+    nodes = 1 if args.nodes is None else args.nodes
+    if not 1 <= gpus <= MAX_GPUS_PER_NODE:
+        raise UsageError(f"--gpus-per-node {gpus}: a node has 1 to {MAX_GPUS_PER_NODE}")
+    check_hostnames(args.name, "workers", 1, nodes)
     distributed = {
         "VLM_JAX_COORDINATOR": f"{args.name}-workers-0-0.{args.name}:{GPU_COORDINATOR_PORT}",
-        "VLM_JAX_NUM_PROCESSES": str(args.nodes),
+        "VLM_JAX_NUM_PROCESSES": str(nodes),
         "VLM_JAX_PROCESS_ID": {"fieldRef": {
             "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}}
     main = container(args.image, command, distributed | env, {"nvidia.com/gpu": gpus}, [GPU_COORDINATOR_PORT])
-    pod = pod_spec(args, {"cloud.google.com/gke-accelerator": label}, main,
+    pod = pod_spec(args, {"cloud.google.com/gke-accelerator": GPU_TYPES[args.gpu]}, main,
                    tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists"}])
-    return jobset(args, "workers", 1, args.nodes, pod, {})
+    return jobset(args, "workers", 1, nodes, pod, {})
 
 
 def check_hostnames(name: str, replicated_job: str, replicas: int, pods: int) -> None:
@@ -167,9 +169,9 @@ def parse_args(flags: list[str]) -> argparse.Namespace:
     accelerator = parser.add_mutually_exclusive_group(required=True)
     accelerator.add_argument("--tpu", help="slice type, e.g. v5p-256, v6e-256 (or v5p:4x4x8)")
     accelerator.add_argument("--gpu", help=f"GPU type: {', '.join(GPU_TYPES)}")
-    parser.add_argument("--slices", type=int, default=1, help="TPU slices (multislice over DCN when > 1)")
-    parser.add_argument("--nodes", type=int, default=1, help="GPU nodes")
-    parser.add_argument("--gpus-per-node", type=int, default=None, help="default: all of the machine's GPUs")
+    parser.add_argument("--slices", type=int, default=None, help="TPU slices (multislice over DCN when > 1)")
+    parser.add_argument("--nodes", type=int, default=None, help="GPU nodes (default 1)")
+    parser.add_argument("--gpus-per-node", type=int, default=None, help="default 8")
     parser.add_argument("--max-restarts", type=int, default=3, help="JobSet restarts on exit 42 or a signal")
     parser.add_argument("--grace-s", type=int, default=300, help="terminationGracePeriodSeconds (time to save)")
     parser.add_argument("--namespace", default=None)
@@ -178,7 +180,9 @@ def parse_args(flags: list[str]) -> argparse.Namespace:
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="container environment")
     parser.add_argument("--dry-run", action="store_true", help="print the JobSet YAML instead of applying it")
     args = parser.parse_args(flags)
-    if min(args.slices, args.nodes) < 1 or args.max_restarts < 0:
+    if args.tpu and (args.nodes, args.gpus_per_node) != (None, None) or args.gpu and args.slices is not None:
+        raise UsageError("--slices goes with --tpu; --nodes and --gpus-per-node go with --gpu")
+    if min(1 if n is None else n for n in (args.slices, args.nodes)) < 1 or args.max_restarts < 0:
         raise UsageError("--slices and --nodes must be at least 1, --max-restarts at least 0")
     return args
 

@@ -205,6 +205,7 @@ def test_submits_through_kubectl_and_sbatch(tmp_path, monkeypatch, capsys):
     (["--name", "Clip_B16", *IMAGE, "--gpu", "l4"], "--name 'Clip_B16' must be lower-case"),
     (["--name", "x" * 60, *IMAGE, "--tpu", "v5p-256"], "within 63 characters"),
     (["--name", "x", *IMAGE, "--tpu", "v5p-8", "--env", "NO_VALUE"], "--env 'NO_VALUE' is not KEY=VALUE"),
+    (["--name", "x", *IMAGE, "--tpu", "v5p-8", "--nodes", "2"], "--nodes and --gpus-per-node go with --gpu"),
 ])
 def test_gke_bad_input(argv, message, capsys):
     one_line_error(gke.main([*argv, "--dry-run", "--", *TRAIN]), capsys, message)
