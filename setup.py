@@ -34,5 +34,6 @@ setup(
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         "cloud": ["gcsfs", "s3fs"],  # gs:// and s3:// shards and workdirs
         "hf": ["torch==2.13.0", "transformers>=5.0,<6", "safetensors>=0.5,<1"],
+        "wandb": ["wandb>=0.31,<1"],  # Weights & Biases logging (config.wandb.project; vlm_jax/wandb_writer.py)
     },
 )

@@ -57,6 +57,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "optim.name": ("adamw", "adafactor"),
     "optim.decay": ("cosine", "rsqrt", "linear", "constant"),
+    "wandb.mode": ("online", "offline"),
 }
 REQUIRED = ("data.tokenizer",)
 POSITIVE = ("total_steps", "batch_size", "microbatches", "log_every", "checkpoint_every", "keep_checkpoints",
@@ -95,6 +96,15 @@ def base_config() -> ml_collections.ConfigDict:
     # before the first step, {"<subtree of this model>": {"workdir": DIR, "params": "<subtree there>" (default:
     # the same path)}}, e.g. {"image_encoder": {"workdir": "demo_out/clip_tiny"}}. Freeze them with optim.freeze.
     c.init_from = placeholder(dict)
+    # Weights & Biases (needs the wandb extra): the same metrics and the resolved config, from process 0, to
+    # project `wandb.project` (None: off); the run id is kept in WORKDIR/wandb_run_id so a resume continues the
+    # run. name defaults to the workdir's basename. See vlm_jax/wandb_writer.py.
+    c.wandb = ml_collections.ConfigDict()
+    c.wandb.project = placeholder(str)
+    c.wandb.entity = placeholder(str)
+    c.wandb.name = placeholder(str)
+    c.wandb.group = placeholder(str)
+    c.wandb.mode = "online"
 
     c.model = ml_collections.ConfigDict()
     c.model.loss = "sigmoid"
@@ -432,7 +442,7 @@ def _assign_saved(node: ml_collections.ConfigDict, saved: dict, path: str, prefi
 # Keys a resumed run may change: how the same computation is run, logged, checkpointed and evaluated. Any other
 # change (the schedule, the optimizer, the model, the data stream) needs an explicit allowance.
 RESUMABLE_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "evals", "microbatches",
-                  "export_every", "export_as",
+                  "export_every", "export_as", "wandb.",
                   "mesh.", "sharding_rules", "model.attention_impl", "model.loss_impl", "model.image.remat",
                   "model.text.remat", "model.decoder.remat", "model.lm.remat", "data.num_workers", "data.worker_buffer_size", "data.read_", "data.eval_",
                   "data.pp_eval", "data.classnames", "data.templates")

@@ -1,4 +1,4 @@
-"""Metrics: JSONL always, TensorBoard event files (tensorboardX), and a console progress line.
+"""Metrics: JSONL always, TensorBoard event files (tensorboardX), W&B when configured, and a console progress line.
 
 Only process 0 writes. Scalars are averaged over each logging interval, then the accumulator is reset.
 """
@@ -12,18 +12,25 @@ import time
 from typing import Any, Mapping
 
 import jax
+import ml_collections
 import numpy as np
 
+from vlm_jax.wandb_writer import WandbWriter
 from vlm_jax.workdir import open_rewritten, resolve
 
 
 class MetricsWriter:
-    """Writes scalar metrics of step `step` to `workdir/metrics.jsonl` and `workdir/tensorboard/`."""
+    """Writes scalar metrics of step `step` to `workdir/metrics.jsonl`, `workdir/tensorboard/` and, when
+    `config.wandb.project` is set, to Weights & Biases (vlm_jax/wandb_writer.py)."""
 
-    def __init__(self, workdir: str | os.PathLike, resumed_step: int = 0, enabled: bool | None = None):
-        """Lines of `metrics.jsonl` after `resumed_step` (written before a crash) are dropped."""
+    def __init__(self, workdir: str | os.PathLike, resumed_step: int = 0, enabled: bool | None = None,
+                 config: ml_collections.ConfigDict | None = None):
+        """Lines of `metrics.jsonl` after `resumed_step` (written before a crash) are dropped. `config`: the
+        resolved config, for W&B."""
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self._jsonl = self._tensorboard = None
+        self._jsonl = self._tensorboard = self._wandb = None
+        if self.enabled and config is not None and config.wandb.project is not None:
+            self._wandb = WandbWriter(workdir, config)
         if self.enabled:
             from tensorboardX import SummaryWriter
 
@@ -40,11 +47,15 @@ class MetricsWriter:
         for key, value in scalars.items():
             self._tensorboard.add_scalar(key, float(value), step)
         self._tensorboard.flush()
+        if self._wandb is not None:
+            self._wandb.write(step, scalars)
 
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()
             self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.close()
 
 
 def step_of(line: str) -> float:
