@@ -12,7 +12,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,hf]'
+	$(BIN)/pip install --quiet -e '.[test,hf,wandb]'
 	touch $@
 
 $(DATA)/classnames.json: | install
