@@ -7,8 +7,12 @@ Each process gets JAX_PLATFORMS=cpu, XLA_FLAGS with its device count, and VLM_JA
 VLM_JAX_NUM_PROCESSES / VLM_JAX_PROCESS_ID, which vlm_jax.train reads. Output lines are prefixed with the
 process id. Every process runs in its own process group (with whatever it starts, e.g. grain data workers).
 The launcher watches all of them at once: when one fails, on the launcher's timeout (status 124) and on
-SIGTERM / Ctrl-C to the launcher (128 + signal), every group gets SIGTERM, then SIGKILL after a short grace.
-The job's exit status is the first failure's (128 + N for a process killed by signal N).
+SIGTERM / Ctrl-C to the launcher (128 + signal), every process gets SIGTERM, then every group SIGKILL after
+--grace-s (10 s), or as soon as the processes have exited. SIGTERM goes to the processes only, not their
+groups: for vlm_jax.train it is a preemption notice (all processes save at the same next step and exit 42), and
+its data workers must live until then. A tiny model's save takes about a second; give a big one a longer grace.
+The job's exit status is the first failure's (128 + N for a process killed by signal N; 42 for a preempted
+trainer, which a restart of the same command resumes).
 """
 
 from __future__ import annotations
@@ -76,8 +80,11 @@ def signal_groups(children: list[subprocess.Popen], sig: int) -> None:
 
 
 def stop_all(children: list[subprocess.Popen], grace_s: float) -> None:
-    """SIGTERM to every process group, SIGKILL to all of them after `grace_s` (or once the leaders are gone)."""
-    signal_groups(children, signal.SIGTERM)
+    """SIGTERM to every process (not its group), SIGKILL to every group after `grace_s` (or once the processes
+    are gone)."""
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while any(child.poll() is None for child in children) and time.monotonic() < deadline:
         time.sleep(POLL_S)

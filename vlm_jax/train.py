@@ -2,7 +2,9 @@
 
     python -m vlm_jax.train --config=configs/demo/siglip_tiny.py --workdir=DIR [--config.key=value ...]
 
-Re-running the same command resumes from the newest complete checkpoint in DIR.
+Re-running the same command resumes from the newest complete checkpoint in DIR. SIGTERM is a preemption
+notice: every process saves at the same next step (state and data iterator) and exits 42, for the launcher to
+restart the command.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import jax
 import ml_collections
@@ -28,7 +30,8 @@ from vlm_jax.evaluate import USER_ERRORS
 from vlm_jax.evaluators.registry import Evaluations
 from vlm_jax.kernels.attention import check_backend
 from vlm_jax.metrics import IntervalAverager, MetricsWriter, Progress
-from vlm_jax.parallel.distributed import DistributedOptions, initialize, options_from_env
+from vlm_jax.parallel.distributed import (PREEMPTED_EXIT_CODE, DistributedOptions, Preempted, PreemptionNotice,
+                                          initialize, options_from_env)
 from vlm_jax.parallel.mesh import make_mesh
 from vlm_jax.parallel.param_table import log_parameter_table
 from vlm_jax.parallel.sharding import batch_sharding, data_parallel_size, to_global_batch
@@ -96,8 +99,10 @@ def accept_config(config: ml_collections.ConfigDict, saved_path, allow_changes: 
         log(f"config change on resume: {key} {old!r} -> {new!r}")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, allow_changes: set[str] = frozenset()) -> dict[str, Any]:
+def train(config: ml_collections.ConfigDict, workdir: str, preemption: PreemptionNotice,
+          allow_changes: set[str] = frozenset()) -> dict[str, Any]:
     """Trains (or resumes) to `config.total_steps`, or to the end of finite data; returns the final evaluation.
+    Raises Preempted once a preemption notice's checkpoint is saved.
 
     Only finite states are saved: a non-finite loss or gradient stops the run (FloatingPointError) before the
     next save. Every exit, error or not, finishes the checkpoint save in flight and stops the data workers.
@@ -142,7 +147,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_changes: set[st
             return evaluate_and_log(step, params, evaluations, writer)
 
         loop = TrainLoop(config, task, layout, sharding, manager, data_iterator, writer, evaluations.due, evaluate,
-                         export)
+                         export, preemption)
         state, last_step = loop.run(state, start)
         results = evaluate_and_log(last_step, state["params"], evaluations, writer, final=True)
         if jax.process_index() == 0 and results:
@@ -159,12 +164,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_changes: set[st
 
 
 class TrainLoop:
-    """The steps from `start` to the end: dispatch, log one step late, check health, save, evaluate."""
+    """The steps from `start` to the end: dispatch, log one step late, check health, save, evaluate, stop on a
+    preemption notice."""
 
     def __init__(self, config: ml_collections.ConfigDict, task, layout, sharding, manager, data_iterator,
                  writer: MetricsWriter, eval_due: Callable[[int], bool],
-                 evaluate: Callable[[int, Any], dict[str, float]], export: PeriodicExport):
-        self.config, self.manager, self.data_iterator = config, manager, data_iterator
+                 evaluate: Callable[[int, Any], dict[str, float]], export: PeriodicExport,
+                 preemption: PreemptionNotice):
+        self.config, self.manager, self.data_iterator, self.preemption = config, manager, data_iterator, preemption
         self.writer, self.eval_due, self.evaluate, self.export = writer, eval_due, evaluate, export
         self.train_step = make_train_step(task, layout, sharding, config.microbatches)
         self.averager, self.health = IntervalAverager(), RunHealth()
@@ -190,6 +197,10 @@ class TrainLoop:
                 if step % config.checkpoint_every == 0 or step == config.total_steps:
                     self.check_health(self.health.snapshot(), step)
                     checkpoint.save(self.manager, step, state, self.data_iterator)
+                if self.preemption.reached(step) and step < config.total_steps:  # asked at every step
+                    if pending is not None:
+                        self.write_metrics(*pending)
+                    self.save_and_stop(step, state)
                 if step < config.total_steps and self.eval_due(step):
                     self.check_health(self.health.snapshot(), step)
                     self.evaluate(step, state["params"])
@@ -207,6 +218,21 @@ class TrainLoop:
             if last_step > start and self.manager.latest_step() != last_step:
                 checkpoint.save(self.manager, last_step, state, self.data_iterator)
         return state, last_step
+
+    def save_and_stop(self, step: int, state) -> NoReturn:
+        """After a preemption notice: logs the steps since the last log line, saves `step` (state and data
+        iterator) unless its periodic save is under way, waits for the save, and raises Preempted."""
+        print(f"preemption notice (SIGTERM): saving a checkpoint at step {step}", flush=True)  # every process
+        taken = self.averager.take()
+        if taken:
+            self.write_metrics(step, taken, data_counters(self.data_iterator), self.health.snapshot())
+        else:
+            self.check_health(self.health.snapshot(), step)
+        if self.manager.latest_step() != step:
+            checkpoint.save(self.manager, step, state, self.data_iterator)
+        self.manager.wait_until_finished()
+        print(f"preempted at step {step}: checkpoint saved; exiting {PREEMPTED_EXIT_CODE}", flush=True)
+        raise Preempted(step)
 
     def check_health(self, snapshot, step: int) -> None:
         """Raises FloatingPointError on a non-finite step, EndOfData or the data error when data stopped."""
@@ -270,8 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         initialize(command.distributed)
+        preemption = PreemptionNotice()
         config = load_config(command.config_spec, command.overrides)
-        results = train(config, command.workdir, command.allow_changes)
+        results = train(config, command.workdir, preemption, command.allow_changes)
+    except Preempted:
+        return PREEMPTED_EXIT_CODE
     except USER_ERRORS as e:
         if os.environ.get("VLM_JAX_TRACEBACK"):
             raise

@@ -4,16 +4,22 @@ Explicit settings (flags, or the environment that `launch/local.py` and cluster 
 VLM_JAX_COORDINATOR, VLM_JAX_NUM_PROCESSES, VLM_JAX_PROCESS_ID) start `jax.distributed` with a coordinator;
 on TPU VMs and recognised clusters (SLURM, ...) `jax.distributed.initialize()` finds them itself when
 VLM_JAX_AUTO_DISTRIBUTED=1. CPU processes exchange collectives over gloo.
+
+SIGTERM is a preemption notice (GKE, SLURM, spot TPU VMs and launch/local.py all send it before killing):
+`PreemptionNotice` turns it into one step at which every process saves and then exits PREEMPTED_EXIT_CODE,
+which the launchers restart on. A run stopped for good gets SIGKILL (or SIGINT before the notice).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import socket
 import time
 
 import jax
+from jax.experimental import multihost_utils
 
 from vlm_jax.config import ConfigError
 
@@ -81,3 +87,44 @@ def initialize(options: DistributedOptions) -> None:
          f"{options.num_processes} within {options.timeout_s} s", coordinator_address=options.coordinator,
          num_processes=options.num_processes, process_id=options.process_id,
          initialization_timeout=options.timeout_s)
+
+
+PREEMPTED_EXIT_CODE = 42  # a checkpoint was saved after SIGTERM: restart the job (xpk restarts on 42 and 127-255)
+
+
+class Preempted(Exception):
+    """Every process saved at `step` after a preemption notice; the process exits PREEMPTED_EXIT_CODE."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted at step {step}")
+        self.step = step
+
+
+class PreemptionNotice:
+    """Whether training should stop and save at a step because SIGTERM arrived (at any process).
+
+    With jax.distributed, JAX's preemption service (on by default: `jax_enable_preemption_service`) catches
+    SIGTERM in C++, spreads the notice through the coordinator, and `reached_preemption_sync_point(step)` is
+    true on every process at the same step: one past the furthest step any process had reached. It must be
+    asked at every step, from the same first step on all processes. A Python SIGTERM handler would displace
+    JAX's, so none is installed. With one process, a Python handler records SIGTERM and the next step
+    boundary is the stop. Repeated SIGTERMs change nothing; once the stop is reached SIGINT is ignored, so
+    the save in progress is not cut short (SIGKILL still is, and orbax's atomic commit keeps the previous
+    checkpoint whole). Construct it in the main thread, after `initialize`.
+    """
+
+    def __init__(self) -> None:
+        self.distributed = jax.distributed.is_initialized()
+        self.received = False
+        if not self.distributed:
+            signal.signal(signal.SIGTERM, self._record)
+
+    def _record(self, signum: int, frame) -> None:
+        self.received = True
+
+    def reached(self, step: int) -> bool:
+        """True at the step to save and stop at (the same on all processes); call it after every step."""
+        stop = multihost_utils.reached_preemption_sync_point(step) if self.distributed else self.received
+        if stop:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return stop
