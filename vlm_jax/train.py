@@ -28,6 +28,7 @@ from vlm_jax.config import (ConfigError, check_resume_changes, load_config, load
                             save_config)
 from vlm_jax.evaluate import USER_ERRORS
 from vlm_jax.evaluators.registry import Evaluations
+from vlm_jax.goodput import Goodput
 from vlm_jax.kernels.attention import check_backend
 from vlm_jax.metrics import IntervalAverager, MetricsWriter, Progress
 from vlm_jax.parallel.distributed import (PREEMPTED_EXIT_CODE, DistributedOptions, Preempted, PreemptionNotice,
@@ -107,6 +108,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, preemption: Preemptio
     Only finite states are saved: a non-finite loss or gradient stops the run (FloatingPointError) before the
     next save. Every exit, error or not, finishes the checkpoint save in flight and stops the data workers.
     """
+    goodput = Goodput()  # this process's wall time from here, by cause (vlm_jax/goodput.py)
     root = resolve(workdir)
     root.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(config.mesh)
@@ -134,28 +136,37 @@ def train(config: ml_collections.ConfigDict, workdir: str, preemption: Preemptio
         evaluations = Evaluations(config, task, layout, mesh, root)
         export = PeriodicExport(config, workdir)
         if start:
-            state = checkpoint.restore(manager, start, layout.abstract_state, data_iterator)
+            with goodput.timed("checkpoint"):
+                state = checkpoint.restore(manager, start, layout.abstract_state, data_iterator)
             log(f"resumed from {manager.directory} at step {start}")
         else:
             state = initialise_from(init_train_state(layout, config.seed), config.init_from, layout, mesh, log,
                                     config.model.scan)
         if jax.process_index() == 0:
             save_config(config, root / "config.json")
-        writer = MetricsWriter(root, resumed_step=start)
+        writer = MetricsWriter(root, resumed_step=start, config=config)
 
         def evaluate(step: int, params) -> dict[str, float]:
-            return evaluate_and_log(step, params, evaluations, writer)
+            with goodput.timed("evaluation"):
+                return evaluate_and_log(step, params, evaluations, writer)
 
         loop = TrainLoop(config, task, layout, sharding, manager, data_iterator, writer, evaluations.due, evaluate,
-                         export, preemption)
+                         export, preemption, goodput)
         state, last_step = loop.run(state, start)
-        results = evaluate_and_log(last_step, state["params"], evaluations, writer, final=True)
+        goodput.switch("other")
+        with goodput.timed("evaluation"):
+            results = evaluate_and_log(last_step, state["params"], evaluations, writer, final=True)
         if jax.process_index() == 0 and results:
             (root / "eval_results.json").write_text(json.dumps({"step": last_step, **results}, indent=2))
         if config.export_every:  # after the final evaluation, so the model card carries its results
             export(last_step, state["params"])
+        with goodput.timed("checkpoint"):
+            manager.wait_until_finished()
+        writer.write(last_step, goodput.totals())
+        log(goodput.summary())
         return results
     finally:
+        goodput.close()
         checkpoint.finish(manager)
         if writer is not None:
             writer.close()
@@ -170,8 +181,9 @@ class TrainLoop:
     def __init__(self, config: ml_collections.ConfigDict, task, layout, sharding, manager, data_iterator,
                  writer: MetricsWriter, eval_due: Callable[[int], bool],
                  evaluate: Callable[[int, Any], dict[str, float]], export: PeriodicExport,
-                 preemption: PreemptionNotice):
+                 preemption: PreemptionNotice, goodput: Goodput):
         self.config, self.manager, self.data_iterator, self.preemption = config, manager, data_iterator, preemption
+        self.goodput = goodput
         self.writer, self.eval_due, self.evaluate, self.export = writer, eval_due, evaluate, export
         self.train_step = make_train_step(task, layout, sharding, config.microbatches)
         self.averager, self.health = IntervalAverager(), RunHealth()
@@ -182,21 +194,26 @@ class TrainLoop:
     def run(self, state, start: int):
         """(final state, its step) after training from `start`: `total_steps`, or the last step with data when
         the data ended first."""
-        config, pending = self.config, None
+        config, pending, metrics = self.config, None, None
         last_step, self.progress = config.total_steps, Progress(config.total_steps, config.batch_size, start)
+        self.goodput.switch("step")
         try:
             for step in range(start + 1, config.total_steps + 1):
-                state, metrics = self.train_step(state, self.feed.next(step))  # Dispatched before the previous
-                self.averager.add(metrics)                                     # step's metrics are fetched.
+                with self.goodput.data_wait(metrics):  # data wait only once the previous step has finished
+                    batch = self.feed.next(step)
+                state, metrics = self.train_step(state, batch)  # Dispatched before the previous
+                self.averager.add(metrics)                      # step's metrics are fetched.
                 self.health.add(step, metrics)
                 if pending is not None:
                     to_write, pending = pending, None
                     self.write_metrics(*to_write)
                 if step % config.log_every == 0 or step == config.total_steps:
-                    pending = (step, self.averager.take(), data_counters(self.data_iterator), self.health.snapshot())
+                    counters = {**data_counters(self.data_iterator), **self.goodput.interval()}
+                    pending = (step, self.averager.take(), counters, self.health.snapshot())
                 if step % config.checkpoint_every == 0 or step == config.total_steps:
                     self.check_health(self.health.snapshot(), step)
-                    checkpoint.save(self.manager, step, state, self.data_iterator)
+                    with self.goodput.timed("checkpoint"):
+                        checkpoint.save(self.manager, step, state, self.data_iterator)
                 if self.preemption.reached(step) and step < config.total_steps:  # asked at every step
                     if pending is not None:
                         self.write_metrics(*pending)
@@ -206,7 +223,8 @@ class TrainLoop:
                     self.evaluate(step, state["params"])
                 if step < config.total_steps and self.export.due(step):
                     self.check_health(self.health.snapshot(), step)
-                    self.export(step, state["params"])
+                    with self.goodput.timed("other"):
+                        self.export(step, state["params"])
             if pending is not None:
                 to_write, pending = pending, None
                 self.write_metrics(*to_write)
@@ -216,7 +234,8 @@ class TrainLoop:
             if pending is not None and pending[0] <= last_step:  # logged before the data ended
                 self.write_metrics(*pending)
             if last_step > start and self.manager.latest_step() != last_step:
-                checkpoint.save(self.manager, last_step, state, self.data_iterator)
+                with self.goodput.timed("checkpoint"):
+                    checkpoint.save(self.manager, last_step, state, self.data_iterator)
         return state, last_step
 
     def save_and_stop(self, step: int, state) -> NoReturn:
