@@ -244,12 +244,14 @@ class TrainLoop:
         print(f"preemption notice (SIGTERM): saving a checkpoint at step {step}", flush=True)  # every process
         taken = self.averager.take()
         if taken:
-            self.write_metrics(step, taken, data_counters(self.data_iterator), self.health.snapshot())
+            counters = {**data_counters(self.data_iterator), **self.goodput.interval()}
+            self.write_metrics(step, taken, counters, self.health.snapshot())
         else:
             self.check_health(self.health.snapshot(), step)
-        if self.manager.latest_step() != step:
-            checkpoint.save(self.manager, step, state, self.data_iterator)
-        self.manager.wait_until_finished()
+        with self.goodput.timed("checkpoint"):
+            if self.manager.latest_step() != step:
+                checkpoint.save(self.manager, step, state, self.data_iterator)
+            self.manager.wait_until_finished()
         print(f"preempted at step {step}: checkpoint saved; exiting {PREEMPTED_EXIT_CODE}", flush=True)
         raise Preempted(step)
 
