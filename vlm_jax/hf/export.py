@@ -76,7 +76,8 @@ def load_run(workdir: str, step: int | None = None) -> tuple[ml_collections.Conf
 def export_run(config: ml_collections.ConfigDict, step: int, params: dict, out: str, kind: str = "auto",
                workdir: str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict[str, Any]:
     """Writes the transformers folder `out` for parameters `params` of a run with `config`; returns a summary
-    {"kind", "class", "files", "tensors"}. `workdir`: where evaluation results for the model card are."""
+    {"kind", "class", "step", "tensors", "image_tokens", "files"}. `workdir`: where evaluation results for the model
+    card are. Nothing is left under `out` or beside it when a step fails."""
     from vlm_jax.hf import image_processor
 
     kind = resolve_kind(config, kind)
@@ -89,23 +90,27 @@ def export_run(config: ml_collections.ConfigDict, step: int, params: dict, out: 
         hf_config = contrastive.hf_config(config, kind, token_ids)
         tensors = contrastive.export_tensors(params, config, kind)
 
+    summary = {"kind": kind, "class": hf_config.architectures[0], "step": step, "tensors": len(tensors),
+               "image_tokens": _image_tokens(config)}
     tmp = f"{out.rstrip('/')}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    hf_config.save_pretrained(tmp)
-    files = ["config.json", *write_safetensors(tensors, tmp, max_shard_bytes)]
-    if kind == "paligemma":
-        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-            json.dump(paligemma.paligemma_generation_config(config), f, indent=2)
-        files.append("generation_config.json")
-    files += _write_tokenizer(config, kind, tmp)
-    family = "clip" if config.model.arch == "clip" else "siglip"
-    extra = {"image_seq_length": int(_image_tokens(config))} if kind == "paligemma" else None
-    image_processor.write_image_processor(config, tmp, family, extra)
-    files.append(image_processor.NAME)
-    summary = {"kind": kind, "class": hf_config.architectures[0], "step": step, "tensors": len(tensors),
-               "image_tokens": _image_tokens(config)}
-    files += model_card.write(config, summary, workdir, tmp)
+    try:
+        hf_config.save_pretrained(tmp)
+        files = ["config.json", *write_safetensors(tensors, tmp, max_shard_bytes)]
+        if kind == "paligemma":
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump(paligemma.paligemma_generation_config(config), f, indent=2)
+            files.append("generation_config.json")
+        files += _write_tokenizer(config, kind, tmp)
+        family = "clip" if config.model.arch == "clip" else "siglip"
+        extra = {"image_seq_length": summary["image_tokens"]} if kind == "paligemma" else None
+        image_processor.write_image_processor(config, tmp, family, extra)
+        files.append(image_processor.NAME)
+        files += model_card.write(config, summary, workdir, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return {**summary, "files": sorted(files)}
