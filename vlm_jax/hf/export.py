@@ -19,6 +19,7 @@ import numpy as np
 from vlm_jax.config import ConfigError, load_saved_config
 from vlm_jax.hf import contrastive, model_card
 from vlm_jax.hf.weights import DEFAULT_SHARD_BYTES, write_safetensors
+from vlm_jax.models.vit import parse_variant
 from vlm_jax.param_init import workdir_params
 from vlm_jax.parallel.mesh import make_mesh
 from vlm_jax.workdir import is_remote, resolve
@@ -181,7 +182,7 @@ def _write_tokenizer(config: ml_collections.ConfigDict, kind: str, out: str) -> 
 def _image_tokens(config: ml_collections.ConfigDict) -> int:
     """Image tokens per image of the run's ViT."""
     m = config.model
-    return (m.image.image_size // int(m.image.variant.split("/")[1])) ** 2
+    return (m.image.image_size // parse_variant(m.image.variant)[1]) ** 2
 
 
 def _paligemma_config(config_dict: dict):

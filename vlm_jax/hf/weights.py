@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
+import jax
 import numpy as np
 
 from vlm_jax.config import ConfigError
@@ -29,15 +29,15 @@ def unstack_layers(blocks: dict, scan: bool) -> list[dict]:
     index order."""
     if not scan:
         return [blocks[key] for key in sorted(blocks, key=int)]
-    depth = len(next(iter(_leaves(blocks))))
-    return [_map(lambda x, i=i: np.asarray(x[i]), blocks) for i in range(depth)]
+    depth = len(jax.tree.leaves(blocks)[0])
+    return [jax.tree.map(lambda x, i=i: np.asarray(x[i]), blocks) for i in range(depth)]
 
 
 def stack_layers(layers: list[dict], scan: bool) -> dict:
     """The inverse of `unstack_layers`."""
     if not scan:
         return dict(enumerate(layers))
-    return _map_many(lambda *xs: np.stack(xs), layers)
+    return jax.tree.map(lambda *xs: np.stack(xs), *layers)
 
 
 def unstack_all(params: dict, scan: bool) -> dict:
@@ -206,20 +206,3 @@ class TensorReader:
             raise ConfigError(f"{self.source} does not match this model: " + "; ".join(
                 f"{len(keys)} {kind} (first: {keys[0]})" for kind, keys in bad.items()))
 
-
-def _leaves(tree: Any):
-    if isinstance(tree, dict):
-        for value in tree.values():
-            yield from _leaves(value)
-    else:
-        yield tree
-
-
-def _map(fn, tree: Any) -> Any:
-    return {k: _map(fn, v) for k, v in tree.items()} if isinstance(tree, dict) else fn(tree)
-
-
-def _map_many(fn, trees: list[Any]) -> Any:
-    if isinstance(trees[0], dict):
-        return {k: _map_many(fn, [t[k] for t in trees]) for k in trees[0]}
-    return fn(*trees)
