@@ -186,7 +186,7 @@ def make_train_dataset(options: TrainInput, *, process_index: int = 0,
             flags.FLAGS.mark_as_parsed()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=num_workers, per_worker_buffer_size=options.worker_buffer_size),
-            worker_init_fn=workers.exit_with_parent)
+            worker_init_fn=workers.init_data_worker)
     dataset = workers.WorkerCountIterDataset(dataset, num_workers, options.num_workers)
     return SkipAccountingIterDataset(dataset, limit=options.max_skip_fraction,
                                      min_samples=options.skip_check_after)

@@ -1,5 +1,10 @@
-"""grain data worker processes: they exit when the process that started them dies, and the iterator state
-records how many there were.
+"""grain data worker processes: they leave signals to the trainer, exit when the process that started them
+dies, and the iterator state records how many there were.
+
+Signals: a preemption or a Ctrl-C often reaches the whole process group (a host shutting down, a terminal).
+The trainer answers SIGTERM by saving at an agreed step, which needs its data workers until the end of that
+step, and SIGINT by closing its iterator; a worker killed by either first would fail the save or print a
+traceback per worker. So workers ignore both; grain stops them on close (an event, then SIGKILL).
 
 Orphans: a trainer killed by SIGKILL, the OOM killer or a preemption cannot close its iterator, and grain's
 workers would wait on their full output queues for ever (reparented to init, holding their memory). Linux's
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
 import time
 
@@ -25,14 +31,17 @@ from data_pipelines.samples import DataError
 PARENT_POLL_S = 0.5
 
 
-def exit_with_parent(worker_index: int, worker_count: int) -> None:
-    """grain `worker_init_fn`: ends this worker process within PARENT_POLL_S once its parent has gone.
+def init_data_worker(worker_index: int, worker_count: int) -> None:
+    """grain `worker_init_fn`: ignores SIGTERM and SIGINT, and ends this worker process within PARENT_POLL_S
+    once its parent has gone.
 
     The parent is multiprocessing's record of it (its pid and its end of the spawn pipe), so a parent that
     died while this worker was still starting is noticed too; either sign (pid reparented, pipe closed) ends
     the worker.
     """
     del worker_index, worker_count  # every worker watches the same parent
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
     parent = multiprocessing.parent_process()
     if parent is None:  # not a multiprocessing child: nothing to watch
         return

@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from processes import descendants
+from processes import alive, descendants
 from synthetic_data import make_data
 from test_train_cli import TINY
 
@@ -93,10 +93,10 @@ def train_process_id(pid: int) -> int | None:
 
 def run_until(command: list[str], act: dict[str, Callable[[subprocess.Popen], None]],
               env: dict[str, str] | None = None, timeout_s: float = 240) -> tuple[int, str]:
-    """Runs `command`, calling act[prefix](process) on the first output line containing each prefix; returns
-    (exit status, output). Whatever is still running at the timeout is killed."""
+    """Runs `command` in its own process group, calling act[prefix](process) on the first output line containing
+    each prefix; returns (exit status, output). Whatever is still running at the timeout is killed."""
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=env)
+                               env=env, start_new_session=True)
     output, pending, deadline = [], dict(act), time.monotonic() + timeout_s
     try:
         for line in process.stdout:
@@ -167,6 +167,34 @@ def test_sigterm_to_a_single_process_saves_at_the_next_step_and_resumes_exactly(
     assert resumed.returncode == 0 and f"resumed from {workdir}/checkpoints at step {step}" in resumed.stdout, \
         resumed.stderr[-3000:]
     assert losses(workdir)[40] == single_reference
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_spares_the_data_workers(data_dir, tmp_path, one_device):
+    """A host shutting down signals every process, grain's data workers too: they ignore SIGTERM (still alive
+    when the save starts), so the trainer can read up to the step it agreed to save at; it saves, exits 42, and
+    resumes on the uninterrupted run's exact loss (same worker count: the sample order depends on it)."""
+    workers = ["--config.data.num_workers=2"]
+    signalled: list[int] = []
+
+    def sigterm_group(process: subprocess.Popen) -> None:
+        signalled.extend(descendants(process.pid))
+        os.killpg(process.pid, signal.SIGTERM)
+
+    def workers_alive(process: subprocess.Popen) -> None:
+        assert len(signalled) >= 2 and all(alive(pid) for pid in signalled), signalled
+
+    workdir = tmp_path / "run"
+    status, output = run_until(single_command(data_dir, workdir) + workers,
+                               {"step 10/40": sigterm_group, NOTICE: workers_alive}, one_device)
+    assert status == PREEMPTED and "Traceback" not in output, output[-3000:]
+    step = preempted_step(output)
+    assert 10 < step < 40 and saved_steps(workdir)[-1] == step
+    for run in (workdir, tmp_path / "reference"):
+        finished = subprocess.run(single_command(data_dir, run) + workers, cwd=ROOT, capture_output=True,
+                                  text=True, timeout=300, env=one_device)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+    assert losses(workdir)[40] == losses(tmp_path / "reference")[40]
 
 
 @pytest.mark.slow
