@@ -133,7 +133,8 @@ def gpu_jobset(args: argparse.Namespace, command: list[str], env: dict[str, str]
         "VLM_JAX_NUM_PROCESSES": str(nodes),
         "VLM_JAX_PROCESS_ID": {"fieldRef": {
             "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}}
-    main = container(args.image, command, distributed | env, {"nvidia.com/gpu": gpus}, [GPU_COORDINATOR_PORT])
+    main = container(args.image, command, distributed | env, {"nvidia.com/gpu": gpus},
+                     [GPU_COORDINATOR_PORT, GPU_COORDINATOR_PORT + 1])  # + 1: vlm_jax's roll call
     pod = pod_spec(args, {"cloud.google.com/gke-accelerator": GPU_TYPES[args.gpu]}, main,
                    tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists"}])
     return jobset(args, "workers", 1, nodes, pod, {})

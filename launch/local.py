@@ -31,10 +31,17 @@ from collections.abc import Iterator
 POLL_S = 0.05
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_coordinator_port() -> int:
+    """A free port P on 127.0.0.1 whose P + 1 (the roll call's) is free too."""
+    while True:
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
 
 
 def process_env(index: int, count: int, devices: int, port: int) -> dict[str, str]:
@@ -115,7 +122,7 @@ def launch(command: list[str], processes: int, devices_per_process: int, timeout
            grace_s: float = 10.0) -> int:
     """Runs `command` as `processes` cooperating processes; returns the job's exit status. No process of the
     job (nor anything it started) outlives the call."""
-    port = free_port()
+    port = free_coordinator_port()
     received: list[int] = []
     children: list[subprocess.Popen] = []
     relays: list[threading.Thread] = []

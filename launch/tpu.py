@@ -43,6 +43,7 @@ import time
 from launch import tpu_commands as gc
 from launch.local import exit_status, signals_recorded
 from launch.tpu_worker import STARTED
+from vlm_jax.parallel.join_markers import JOINING
 from vlm_jax.parallel.topology import TopologyError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -206,6 +207,7 @@ class Worker:
     log_path: str
     echo: bool  # worker 0's output is also printed
     started: threading.Event = dataclasses.field(default_factory=threading.Event)
+    joining: threading.Event = dataclasses.field(default_factory=threading.Event)  # reached jax.distributed
     thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -219,6 +221,8 @@ class Worker:
                 log.flush()
                 if STARTED in line:
                     self.started.set()
+                if JOINING in line:
+                    self.joining.set()
                 if self.echo:
                     sys.stdout.write(line)
                     sys.stdout.flush()
@@ -266,7 +270,7 @@ class Job:
             codes = [worker.process.poll() for worker in workers]
             for k, code in enumerate(codes):
                 if code:
-                    return exit_status(code), self.failed(workers, k, f"failed with exit status {exit_status(code)}")
+                    return exit_status(code), self.failure(workers, k, exit_status(code))
             if all(code == 0 for code in codes):
                 return 0, None
             late = [k for k, worker in enumerate(workers) if not worker.started.is_set() and codes[k] is None]
@@ -274,6 +278,16 @@ class Job:
                 others = f" (and {len(late) - 1} more)" if len(late) > 1 else ""
                 return 124, self.failed(workers, late[0], f"did not start within {start_timeout_s:g} s{others}")
             time.sleep(POLL_S)
+
+    def failure(self, workers: list[Worker], k: int, status: int) -> str:
+        """Names worker k, or the worker it waited for: when k failed inside jax.distributed while another
+        started worker never reached it (JAX's runtime ends the waiting ones without naming the missing one)."""
+        silent = [j for j, worker in enumerate(workers) if j != k and not worker.joining.is_set()]
+        if workers[k].joining.is_set() and silent:
+            return self.failed(workers, silent[0], f"never registered with the coordinator (it did not reach "
+                                                   f"jax.distributed); {self.pod.describe(k)} gave up waiting "
+                                                   f"with exit status {status}")
+        return self.failed(workers, k, f"failed with exit status {status}")
 
     def failed(self, workers: list[Worker], k: int, what: str) -> str:
         if workers[k].process.poll() is not None:

@@ -208,6 +208,22 @@ def test_a_worker_that_never_starts_is_named(tmp_path):
     assert "joined" not in run.stdout and pod.processes() == []
 
 
+def test_a_worker_that_starts_but_never_joins_is_named(tmp_path):
+    """Worker 1 starts but hangs before jax.distributed; JAX's runtime aborts worker 0 at its timeout without
+    naming anyone (SIGABRT, 134): the report names worker 1, the one that never registered."""
+    pod = FakePod(tmp_path)
+    assert pod.launch("up", "--accelerator-type=v5p-16", "--poll-s=0.05").returncode == 0
+    run = pod.launch("run", "--grace-s=2", "--join-timeout-s=5", "--", "python", "-c",
+                     "import os, time; os.environ['OMPI_COMM_WORLD_RANK'] == '1' and time.sleep(600); "
+                     "from vlm_jax.parallel import distributed as d; d.initialize(d.options_from_env())")
+    assert run.returncode == 134, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        f"error: worker 1 (pod, worker 1) never registered with the coordinator (it did not reach "
+        f"jax.distributed); worker 0 (pod, worker 0) gave up waiting with exit status 134; stopped every "
+        f"worker; log {pod.logs}/pod/worker-1.log"), run.stderr[-3000:]
+    assert pod.processes() == []
+
+
 def stale_run(home: Path) -> subprocess.Popen:
     """A process recorded as the worker's run (as a previous launcher would have left it)."""
     process = subprocess.Popen(["sleep", "120"], start_new_session=True)

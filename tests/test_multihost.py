@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import pytest
 
+from launch.local import free_coordinator_port
+
 from synthetic_data import make_data
 from test_train_step import assert_same_history, run_steps, tiny_config
 
@@ -45,7 +47,25 @@ def test_unreachable_coordinator_is_a_one_line_error(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
-    assert "cannot reach the coordinator 127.0.0.1:9 within 3 s" in errors[0]
+    assert "cannot reach the coordinator 127.0.0.1:9 (its roll call on port 10) within 3 s" in errors[0]
+
+
+def test_a_process_that_never_registers_is_named(tmp_path):
+    """Processes 0 and 1 of 3 start, 2 never does: process 0 names it in one line within the timeout (JAX's
+    runtime alone would abort process 0 without naming anyone), and process 1 is released with one line."""
+    coordinator = f"127.0.0.1:{free_coordinator_port()}"
+    env = {**os.environ, "VLM_JAX_DISTRIBUTED_TIMEOUT_S": "5"}
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "vlm_jax.train", "--config=configs/demo/clip_tiny.py", f"--workdir={tmp_path}",
+         f"--coordinator={coordinator}", "--num-processes=3", f"--process-id={k}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for k in range(2)]
+    results = [process.communicate(timeout=120) for process in processes]
+    errors = [[line for line in stderr.splitlines() if line.startswith("error:")] for _, stderr in results]
+    assert [process.returncode for process in processes] == [2, 2] and all(len(e) == 1 for e in errors), results
+    assert errors[0][0].startswith(f"error: process 2 of 3 never registered with the coordinator "
+                                   f"127.0.0.1:{int(coordinator.split(':')[1]) + 1} within 5 s"), errors
+    assert errors[1][0] == (f"error: process 0 ended the roll call at 127.0.0.1:{int(coordinator.split(':')[1]) + 1} "
+                            f"before every process registered: see process 0's log"), errors
 
 
 CLUSTER_ENV_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "KUBERNETES_", "JAX_COORDINATOR",

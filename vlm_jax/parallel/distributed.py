@@ -8,6 +8,11 @@ VLM_JAX_AUTO_DISTRIBUTED=1. CPU processes exchange collectives over gloo.
 SIGTERM is a preemption notice (GKE, SLURM, spot TPU VMs and launch/local.py all send it before killing):
 `PreemptionNotice` turns it into one step at which every process saves and then exits PREEMPTED_EXIT_CODE,
 which the launchers restart on. A run stopped for good gets SIGKILL (or SIGINT before the notice).
+
+A process that never joins: JAX's runtime aborts the others after the timeout without naming it. So, with an
+explicit coordinator host:port, a roll call comes first: process 0 listens on port + 1 and names, in one line,
+the processes that have not reported within the timeout. Every process also prints JOINING before it joins
+and JOINED after, which lets launch.tpu name a worker that started but never reached the runtime.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from vlm_jax.config import ConfigError
+from vlm_jax.parallel.join_markers import JOINED, JOINING
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +49,79 @@ def options_from_env(coordinator: str | None = None, num_processes: int | None =
         timeout_s=int(timeout_s or env.get("VLM_JAX_DISTRIBUTED_TIMEOUT_S", 300)))
 
 
+ROLL_CALL_GO = b"all registered\n"
+
+
+def roll_call_address(coordinator: str) -> tuple[str, int]:
+    """(host, port + 1): where process 0 takes the roll call before the runtime opens `coordinator`."""
+    host, _, port = coordinator.rpartition(":")
+    return host, int(port) + 1
+
+
+def take_roll_call(options: DistributedOptions) -> None:
+    """Process 0: waits until every other process has reported its id, then releases them all; the processes
+    missing at the timeout are named in one ConfigError line."""
+    host, port = roll_call_address(options.coordinator)
+    expected = set(range(1, options.num_processes))
+    reported: dict[int, socket.socket] = {}
+    deadline = time.monotonic() + options.timeout_s
+    try:
+        with socket.create_server(("", port)) as server:
+            while expected - reported.keys():
+                server.settimeout(max(deadline - time.monotonic(), 0.01))
+                try:
+                    connection, _ = server.accept()
+                except TimeoutError:
+                    missing = sorted(expected - reported.keys())
+                    raise ConfigError(
+                        f"process{'es' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of "
+                        f"{options.num_processes} never registered with the coordinator {host}:{port} within "
+                        f"{options.timeout_s} s (not started, or stuck before joining the job)") from None
+                connection.settimeout(10.0)
+                try:
+                    process_id = int(connection.makefile().readline())
+                except (OSError, ValueError):
+                    connection.close()  # not one of ours (a port scan, a health check): ignore it
+                    continue
+                if process_id in reported or process_id not in expected:
+                    connection.close()
+                    raise ConfigError(f"a second process registered as process {process_id} of "
+                                      f"{options.num_processes}: check VLM_JAX_PROCESS_ID on every host")
+                reported[process_id] = connection
+            for connection in reported.values():
+                connection.sendall(ROLL_CALL_GO)
+    except OSError as e:
+        raise ConfigError(f"cannot take the roll call on port {port} (the coordinator's port + 1): {e}") from None
+    finally:
+        for connection in reported.values():
+            connection.close()
+
+
+def answer_roll_call(options: DistributedOptions) -> None:
+    """Processes 1..N-1: report this process's id to process 0 and wait until every process has."""
+    host, port = roll_call_address(options.coordinator)
+    deadline = time.monotonic() + options.timeout_s
+    while True:
+        try:
+            connection = socket.create_connection((host, port), timeout=1.0)
+            break
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"cannot reach the coordinator {options.coordinator} (its roll call on port "
+                                  f"{port}) within {options.timeout_s} s: {e}") from None
+            time.sleep(0.5)
+    with connection:
+        try:
+            connection.sendall(f"{options.process_id}\n".encode())
+            connection.settimeout(max(deadline - time.monotonic(), 1.0) + 5.0)
+            answer = connection.makefile("rb").readline()
+        except OSError:
+            answer = b""
+    if answer != ROLL_CALL_GO:
+        raise ConfigError(f"process 0 ended the roll call at {host}:{port} before every process registered: "
+                          f"see process 0's log")
+
+
 def wait_for_coordinator(address: str, timeout_s: float) -> None:
     """Polls host:port until it accepts a connection: the runtime aborts the process (no exception) when it
     cannot reach the coordinator, so check first and fail in one line."""
@@ -60,8 +139,10 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
 
 def join(failure: str, **initialize_args) -> None:
     """jax.distributed.initialize(**initialize_args); a failure is one ConfigError line, `failure` + the cause."""
+    print(JOINING, flush=True)
     try:
         jax.distributed.initialize(**initialize_args)
+        print(f"{JOINED} {jax.process_index()} of {jax.process_count()}", flush=True)
     except Exception as e:  # the runtime raises XlaRuntimeError / RuntimeError with long multi-line texts
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{failure}: {cause}") from None
@@ -80,7 +161,10 @@ def initialize(options: DistributedOptions) -> None:
     if not 0 <= options.process_id < options.num_processes:
         raise ConfigError(f"process id {options.process_id} is outside 0..{options.num_processes - 1}")
     if options.process_id:
+        answer_roll_call(options)
         wait_for_coordinator(options.coordinator, options.timeout_s)
+    else:
+        take_roll_call(options)
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     join(f"cannot join the job through coordinator {options.coordinator} as process {options.process_id} of "
