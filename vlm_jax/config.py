@@ -127,6 +127,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.image.image_size = 224
     c.model.image.pool = "map"
     c.model.image.posemb = "learn"
+    # FLIP / open_clip patch dropout: in training each example keeps a random round((1 - p) * patches) of its
+    # patch tokens (a class token always) after the position embedding, before the encoder blocks; evaluation and
+    # inference keep every token. In [0, 1); not for task "vlm" (see model.image_token_dropout).
+    c.model.image.patch_dropout = 0.0
+    # Decoders (tasks "captioning", "vlm"): in training each image keeps a random round((1 - p) * tokens) of the
+    # image encoder's output tokens. The captioner's decoder cross-attends to fewer tokens; the VLM's rows keep
+    # their length and the dropped image positions are masked out of attention (no compute saved). In [0, 1).
+    c.model.image_token_dropout = 0.0
     c.model.text = ml_collections.ConfigDict()
     c.model.text.size = "B"
     c.model.text.vocab_size = 32_000
@@ -358,12 +366,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in POSITIVE:
         if flat[key] <= 0:
             raise ConfigError(f"config key {key!r} must be positive, got {flat[key]}")
+    validate_token_dropout(flat)
     validate_data(config.data)
     if flat["optim.freeze"]:
         try:
             re.compile(flat["optim.freeze"])
         except re.error as e:
             raise ConfigError(f"config key 'optim.freeze' is not a valid regex: {e}") from e
+
+
+TOKEN_DROPOUT_TASKS = ("captioning", "vlm")  # the tasks whose image tokens feed a decoder's attention
+
+
+def validate_token_dropout(flat: dict[str, Any]) -> None:
+    """Dropout rates in [0, 1); image-token dropout only where a decoder reads the image tokens."""
+    for key in ("model.image.patch_dropout", "model.image_token_dropout"):
+        if not 0 <= flat[key] < 1:
+            raise ConfigError(f"config key {key!r} must be in [0, 1), got {flat[key]}")
+    if flat["model.image_token_dropout"] > 0 and flat["task"] not in TOKEN_DROPOUT_TASKS:
+        raise ConfigError(f"config key 'model.image_token_dropout' drops image tokens before a decoder: tasks "
+                          f"{TOKEN_DROPOUT_TASKS} only, not {flat['task']!r} (model.image.patch_dropout drops them "
+                          "before the image encoder's blocks)")
 
 
 def validate_data(data: ml_collections.ConfigDict) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ml_collections
 
 from vlm_jax.models.text import TextConfig
+from vlm_jax.models.token_dropout import kept_count
 from vlm_jax.models.vit import ViTConfig, parse_variant
 
 
@@ -18,11 +19,17 @@ def encoder_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> 
     return depth * (matmuls + attention)
 
 
+def trained_patches(image: ViTConfig) -> int:
+    """Patch tokens the encoder blocks see in a training step: those patch dropout keeps."""
+    patches = (image.image_size // parse_variant(image.variant)[1]) ** 2
+    return kept_count(patches, image.patch_dropout)
+
+
 def vit_forward_flops(image: ViTConfig) -> int:
-    """The patch embedding and encoder of a ViT (no pooling head)."""
+    """The patch embedding and encoder of a ViT in training (no pooling head; patch dropout counted)."""
     spec, patch = image.encoder_spec(), parse_variant(image.variant)[1]
     patches = (image.image_size // patch) ** 2
-    tokens = patches + image.has_cls_token
+    tokens = trained_patches(image) + image.has_cls_token
     return 2 * patches * patch * patch * 3 * spec.width + encoder_forward_flops(tokens, spec.width, spec.depth,
                                                                                 spec.mlp_dim)
 
@@ -37,15 +44,16 @@ def decoder_forward_flops(tokens: int, image_tokens: int, image_width: int, widt
 
 
 def captioner_train_flops_per_sample(model: ml_collections.ConfigDict) -> int:
-    """Training FLOPs for one image-caption pair of the encoder-decoder captioner."""
+    """Training FLOPs for one image-caption pair of the encoder-decoder captioner (the decoder attends to the
+    tokens patch dropout and image-token dropout keep)."""
     from vlm_jax.tasks.towers import decoder_config, vit_config  # the towers' configs live with the tasks
     image = vit_config(model, pool="none")
     img = image.encoder_spec()
     decoder = decoder_config(model, img.width)
     dec = decoder.encoder_spec()
-    patches = (image.image_size // parse_variant(image.variant)[1]) ** 2
+    image_tokens = kept_count(trained_patches(image), model.image_token_dropout)
     return 3 * (vit_forward_flops(image) + decoder_forward_flops(
-        model.text.max_len, patches, img.width, dec.width, dec.depth, dec.mlp_dim, decoder.vocab_size))
+        model.text.max_len, image_tokens, img.width, dec.width, dec.depth, dec.mlp_dim, decoder.vocab_size))
 
 
 def two_towers_train_flops_per_sample(model: ml_collections.ConfigDict, image_frozen: bool = False) -> int:
@@ -53,19 +61,19 @@ def two_towers_train_flops_per_sample(model: ml_collections.ConfigDict, image_fr
     runs its forward pass only."""
     image = ViTConfig(variant=model.image.variant, image_size=model.image.image_size, pool=model.image.pool,
                       width=model.image.width, depth=model.image.depth, mlp_dim=model.image.mlp_dim,
-                      num_heads=model.image.num_heads)
+                      num_heads=model.image.num_heads, patch_dropout=model.image.patch_dropout)
     text = TextConfig(size=model.text.size, max_len=model.text.max_len, width=model.text.width,
                       depth=model.text.depth, mlp_dim=model.text.mlp_dim, num_heads=model.text.num_heads)
     img, txt = image.encoder_spec(), text.encoder_spec()
     patch = parse_variant(image.variant)[1]
-    patches = (image.image_size // patch) ** 2
-    image_tokens = patches + (image.pool == "tok" or model.arch == "clip")  # CLIP always has a class token
+    patches, kept = (image.image_size // patch) ** 2, trained_patches(image)
+    image_tokens = kept + (image.pool == "tok" or model.arch == "clip")  # CLIP always has a class token
     image_forward = (2 * patches * patch * patch * 3 * img.width
                      + encoder_forward_flops(image_tokens, img.width, img.depth, img.mlp_dim)
                      + 2 * img.width * model.embed_dim * model.image_projection)
     if image.pool == "map":
-        image_forward += 2 * (2 * patches * 2 * img.width * img.width + 2 * 2 * img.width * img.width
-                              + 2 * 2 * img.width * img.mlp_dim + 2 * 2 * patches * img.width)
+        image_forward += 2 * (2 * kept * 2 * img.width * img.width + 2 * 2 * img.width * img.width
+                              + 2 * 2 * img.width * img.mlp_dim + 2 * 2 * kept * img.width)
     text_forward = (encoder_forward_flops(text.max_len, txt.width, txt.depth, txt.mlp_dim)
                     + 2 * txt.width * model.embed_dim)
     return (1 if image_frozen else 3) * image_forward + 3 * text_forward
@@ -84,7 +92,7 @@ def coca_train_flops_per_sample(model: ml_collections.ConfigDict, image_frozen: 
     image = vit_config(model, pool="none")
     img = image.encoder_spec()
     txt, dec = text_config(model).encoder_spec(), decoder_config(model, img.width).encoder_spec()
-    patches = (image.image_size // parse_variant(image.variant)[1]) ** 2
+    patches = trained_patches(image)
     queries, length = model.coca.caption_queries, model.text.max_len
     image_forward = (vit_forward_flops(image) + attention_pool_forward_flops(1, patches, img.width)
                      + attention_pool_forward_flops(queries, patches, img.width) + 2 * img.width * model.embed_dim)

@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 
 def split(array: jax.Array, k: int, ways: int) -> jax.Array:
@@ -49,14 +50,17 @@ def merge(array: jax.Array, ways: int) -> jax.Array:
 
 
 def cached_embedding_grads(task, merge_params: Callable[[Any], Any], params: Any, batch: dict[str, jax.Array],
-                           k: int, ways: int) -> tuple[tuple[jax.Array, dict], Any]:
-    """((loss, metrics), grads) of the full-batch loss, computed in `k` micro-batches of `ways`-sharded rows."""
+                           k: int, ways: int, rng: jax.Array | None = None) -> tuple[tuple[jax.Array, dict], Any]:
+    """((loss, metrics), grads) of the full-batch loss, computed in `k` micro-batches of `ways`-sharded rows.
+    With `rng` (training), micro-batch j's embeddings draw their randomness (patch dropout) from
+    nnx.Rngs(fold_in(rng, j)), in step 1 and again, identically, in step 3."""
     micro = {key: split(value, k, ways) for key, value in batch.items()}
+    keys = micro_keys(rng, k)
 
-    def embed(p, micro_batch):
-        return task.embed_pair(merge_params(p), micro_batch)
+    def embed(p, micro_batch, key):
+        return task.embed_pair(merge_params(p), micro_batch, training_rngs(key))
 
-    zimg, ztxt = jax.lax.map(lambda mb: embed(jax.lax.stop_gradient(params), mb), micro)
+    zimg, ztxt = jax.lax.map(lambda inputs: embed(jax.lax.stop_gradient(params), *inputs), (micro, keys))
     zimg, ztxt = merge(zimg, ways), merge(ztxt, ways)
 
     def loss_from(zimg, ztxt, p):
@@ -66,21 +70,31 @@ def cached_embedding_grads(task, merge_params: Callable[[Any], Any], params: Any
         zimg, ztxt, params)  # `grads` holds the temperature's gradient; the towers' come next
     dzimg, dztxt = split(dzimg, k, ways), split(dztxt, k, ways)
     if hasattr(task, "embed_pair_and_local_loss"):
-        return with_local_terms(task, merge_params, params, micro, (dzimg, dztxt), (loss, metrics), grads)
+        return with_local_terms(task, merge_params, params, micro, (dzimg, dztxt), (loss, metrics), grads, keys)
 
     def accumulate(total, inputs):
-        micro_batch, dzimg_i, dztxt_i = inputs
-        _, backward = jax.vjp(lambda p: embed(p, micro_batch), params)
+        micro_batch, dzimg_i, dztxt_i, key = inputs
+        _, backward = jax.vjp(lambda p: embed(p, micro_batch, key), params)
         (tower_grads,) = backward((dzimg_i, dztxt_i))
         return jax.tree.map(jnp.add, total, tower_grads), None
 
-    grads, _ = jax.lax.scan(accumulate, grads, (micro, dzimg, dztxt))
+    grads, _ = jax.lax.scan(accumulate, grads, (micro, dzimg, dztxt, keys))
     return (loss, metrics), grads
 
 
+def micro_keys(rng: jax.Array | None, k: int) -> jax.Array | None:
+    """Micro-batch j's key fold_in(rng, j), as [k] keys (None without `rng`)."""
+    return None if rng is None else jax.vmap(lambda j: jax.random.fold_in(rng, j))(jnp.arange(k))
+
+
+def training_rngs(key: jax.Array | None) -> nnx.Rngs | None:
+    """A fresh nnx.Rngs on `key` (its draws start over: step 3 replays step 1's), or None (no randomness)."""
+    return None if key is None else nnx.Rngs(key)
+
+
 def with_local_terms(task, merge_params: Callable[[Any], Any], params: Any, micro: dict[str, jax.Array],
-                     cotangents: tuple[jax.Array, jax.Array], coupled: tuple[jax.Array, dict], grads: Any
-                     ) -> tuple[tuple[jax.Array, dict], Any]:
+                     cotangents: tuple[jax.Array, jax.Array], coupled: tuple[jax.Array, dict], grads: Any,
+                     keys: jax.Array | None) -> tuple[tuple[jax.Array, dict], Any]:
     """Step 3 for a loss with a per-example term: each micro-batch's vjp through (embeddings, local loss) with
     (its cached embedding gradients, its weight); `coupled` is step 2's (loss, metrics), `grads` its gradient."""
     weight_of = getattr(task, "local_loss_weight", None)
@@ -89,18 +103,19 @@ def with_local_terms(task, merge_params: Callable[[Any], Any], params: Any, micr
     total = jnp.sum(weights)
     weights = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1), 0)  # no term at all: weight 0
 
-    def pair_and_local(p, micro_batch):
-        (zimg, ztxt), local, local_metrics = task.embed_pair_and_local_loss(merge_params(p), micro_batch)
+    def pair_and_local(p, micro_batch, key):
+        (zimg, ztxt), local, local_metrics = task.embed_pair_and_local_loss(merge_params(p), micro_batch,
+                                                                            training_rngs(key))
         return (zimg, ztxt, local), local_metrics
 
     def accumulate(total_grads, inputs):
-        micro_batch, dzimg_i, dztxt_i, weight = inputs
-        (_, _, local), backward, local_metrics = jax.vjp(lambda p: pair_and_local(p, micro_batch), params,
+        micro_batch, dzimg_i, dztxt_i, weight, key = inputs
+        (_, _, local), backward, local_metrics = jax.vjp(lambda p: pair_and_local(p, micro_batch, key), params,
                                                          has_aux=True)
         (micro_grads,) = backward((dzimg_i, dztxt_i, weight.astype(local.dtype)))
         return jax.tree.map(jnp.add, total_grads, micro_grads), (local, local_metrics)
 
-    grads, (locals_k, metrics_k) = jax.lax.scan(accumulate, grads, (micro, *cotangents, weights))
+    grads, (locals_k, metrics_k) = jax.lax.scan(accumulate, grads, (micro, *cotangents, weights, keys))
     weighted = lambda x: jnp.tensordot(weights, x.astype(jnp.float32), axes=1)  # noqa: E731
     loss, metrics = coupled
     return (loss + weighted(locals_k), {**metrics, **jax.tree.map(weighted, metrics_k)}), grads

@@ -55,7 +55,7 @@ def make_train_step(task, layout: StateLayout, batch_sharding: NamedSharding, mi
 
         if microbatches > 1 and mode == "cached_embeddings":
             (loss, metrics), grads = cached_embedding_grads(task, merge, state["params"], batch, microbatches,
-                                                            data_ways)
+                                                            data_ways, rng)
             new_model_state = model_state
         elif microbatches > 1:
             (loss, (metrics, new_model_state)), grads = accumulated_grads(

@@ -192,17 +192,19 @@ class Coca(nnx.Module):
             self.logit_bias = nnx.Param(jnp.asarray(INIT_LOGIT_BIAS, jnp.float32))
 
     # -- image side
-    def image_outputs(self, image_BxHxWx3: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(L2-normalised float32 image embedding [B, E], caption queries [B, Q, D]) from one ViT pass."""
-        tokens_BxNxD = self.image_encoder(image_BxHxWx3)
+    def image_outputs(self, image_BxHxWx3: jax.Array, rngs: nnx.Rngs | None = None
+                      ) -> tuple[jax.Array, jax.Array]:
+        """(L2-normalised float32 image embedding [B, E], caption queries [B, Q, D]) from one ViT pass; `rngs`
+        (training only) draw its patch dropout."""
+        tokens_BxNxD = self.image_encoder(image_BxHxWx3, rngs)
         return self._image_embedding(tokens_BxNxD), self.image_caption_pool(tokens_BxNxD)
 
     def _image_embedding(self, tokens_BxNxD: jax.Array) -> jax.Array:
         return l2_normalize(self.image_proj(self.image_contrastive_pool(tokens_BxNxD)[:, 0]))
 
-    def embed_image(self, image_BxHxWx3: jax.Array) -> jax.Array:
-        """L2-normalised float32 image embeddings [B, E]."""
-        return self._image_embedding(self.image_encoder(image_BxHxWx3))
+    def embed_image(self, image_BxHxWx3: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """L2-normalised float32 image embeddings [B, E]; `rngs` (training only) draw the ViT's patch dropout."""
+        return self._image_embedding(self.image_encoder(image_BxHxWx3, rngs))
 
     def encode_image(self, image_BxHxWx3: jax.Array) -> jax.Array:
         """The caption-query tokens the multimodal layers attend to, [B, Q, D]."""
@@ -228,16 +230,17 @@ class Coca(nnx.Module):
         return self.logit_scale[...], bias
 
     # -- both
-    def forward(self, image_BxHxWx3: jax.Array, inputs_BxL: jax.Array, lengths_B: jax.Array
-                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def forward(self, image_BxHxWx3: jax.Array, inputs_BxL: jax.Array, lengths_B: jax.Array,
+                rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(image embeddings [B, E], text embeddings [B, E], teacher-forced float32 logits [B, L, V])."""
-        zimg_BxE, context_BxQxD = self.image_outputs(image_BxHxWx3)
+        zimg_BxE, context_BxQxD = self.image_outputs(image_BxHxWx3, rngs)
         tokens_BxLxD, ztxt_BxE = self.text_outputs(inputs_BxL, lengths_B)
         return zimg_BxE, ztxt_BxE, self.text_decoder(tokens_BxLxD, context_BxQxD)
 
-    def __call__(self, image_BxHxWx3: jax.Array, text_BxL: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(self, image_BxHxWx3: jax.Array, text_BxL: jax.Array, rngs: nnx.Rngs | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """`forward` on pipeline text; logits position i predicts text token i."""
-        return self.forward(image_BxHxWx3, *self.text_inputs(text_BxL))
+        return self.forward(image_BxHxWx3, *self.text_inputs(text_BxL), rngs)
 
     # -- decoding (tasks/captioning.py CaptionPredictions)
     def decode_logits(self, context_BxQxD: jax.Array, tokens_BxL: jax.Array) -> jax.Array:

@@ -46,9 +46,9 @@ class TwoTowers(nnx.Module):
         if loss == "sigmoid":
             self.logit_bias = nnx.Param(jnp.asarray(INIT_LOGIT_BIAS, jnp.float32))
 
-    def embed_image(self, image_BxHxWx3: jax.Array) -> jax.Array:
-        """L2-normalised float32 image embeddings [B, E]."""
-        pooled_BxD = self.image_encoder(image_BxHxWx3)
+    def embed_image(self, image_BxHxWx3: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """L2-normalised float32 image embeddings [B, E]; `rngs` (training only) draw the ViT's patch dropout."""
+        pooled_BxD = self.image_encoder(image_BxHxWx3, rngs)
         return l2_normalize(pooled_BxD if self.image_proj is None else self.image_proj(pooled_BxD))
 
     def embed_text(self, tokens_BxL: jax.Array) -> jax.Array:

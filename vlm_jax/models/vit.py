@@ -13,6 +13,7 @@ from flax import nnx
 
 from vlm_jax.models.layers import (Encoder, EncoderSpec, MapHead, TowerOptions, layer_norm, parse_size, partitioned,
                                    sincos_2d)
+from vlm_jax.models.token_dropout import check_rate, drop_tokens
 
 POOLS = ("map", "gap", "tok", "none")  # none: every patch token [B, N, D] (for decoders)
 POSEMBS = ("learn", "sincos2d")
@@ -36,6 +37,7 @@ class ViTConfig(TowerOptions):
     pre_norm: bool = False  # a LayerNorm before the encoder (OpenAI CLIP's `ln_pre`)
     patch_bias: bool = True  # OpenAI CLIP's patch embedding has none
     cls_token: bool = False  # a class token whatever the pool (OpenAI CLIP); pool "tok" always has one
+    patch_dropout: float = 0.0  # training: this share of patch tokens dropped per example before the encoder (FLIP)
 
     @property
     def has_cls_token(self) -> bool:
@@ -54,6 +56,7 @@ class ViT(nnx.Module):
             raise ValueError(f"unknown image pool {config.pool!r}; choose from {POOLS}")
         if config.posemb not in POSEMBS:
             raise ValueError(f"unknown posemb {config.posemb!r}; choose from {POSEMBS}")
+        check_rate(config.patch_dropout, "model.image.patch_dropout")
         patch = parse_variant(config.variant)[1]
         if config.image_size % patch:
             raise ValueError(f"image_size {config.image_size} is not divisible by patch size {patch}")
@@ -78,8 +81,20 @@ class ViT(nnx.Module):
         if config.pool == "map":
             self.map_head = MapHead(spec, rngs)
 
-    def __call__(self, image_BxHxWx3: jax.Array) -> jax.Array:
-        """Float pixels are used as given; uint8 pixels (4x less host-to-device traffic) map to [-1, 1]."""
+    def __call__(self, image_BxHxWx3: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Float pixels are used as given; uint8 pixels (4x less host-to-device traffic) map to [-1, 1].
+
+        Training passes `rngs`: with `patch_dropout` > 0 each example then keeps a random share of its patch tokens
+        (a class token always), drawn from `rngs.dropout()` after the position embedding; pool "none" returns the
+        kept patch tokens [B, K, D]. Without `rngs` (evaluation, inference) every token stays."""
+        cfg = self.config
+        x_BxNxD = self.embed(image_BxHxWx3)
+        if rngs is not None and cfg.patch_dropout > 0:
+            x_BxNxD = drop_tokens(x_BxNxD, rngs.dropout(), cfg.patch_dropout, always_keep=int(cfg.has_cls_token))
+        return self.encode(x_BxNxD)
+
+    def embed(self, image_BxHxWx3: jax.Array) -> jax.Array:
+        """Patch embeddings with the class token (if any) first and the position embedding added, [B, N, D]."""
         cfg = self.config
         if image_BxHxWx3.dtype == jnp.uint8:
             image_BxHxWx3 = image_BxHxWx3.astype(jnp.float32) * (2 / 255) - 1
@@ -93,6 +108,11 @@ class ViT(nnx.Module):
         else:
             posemb = sincos_2d(self.grid, self.grid, self.width)
             x_BxNxD = x_BxNxD.at[:, x_BxNxD.shape[1] - self.grid**2:].add(posemb.astype(cfg.dtype))
+        return x_BxNxD
+
+    def encode(self, x_BxNxD: jax.Array) -> jax.Array:
+        """(LayerNorm +) encoder blocks + pooling of embedded tokens."""
+        cfg = self.config
         if cfg.pre_norm:
             x_BxNxD = self.ln_pre(x_BxNxD)
         x_BxNxD = self.encoder(x_BxNxD)

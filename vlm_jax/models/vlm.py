@@ -20,6 +20,7 @@ from flax import nnx
 from vlm_jax.kernels.masks import MaskSpec
 from vlm_jax.models.gemma import GemmaConfig, GemmaLM
 from vlm_jax.models.layers import dense
+from vlm_jax.models.token_dropout import check_rate, kept_count, kept_mask
 from vlm_jax.models.vit import ViT, ViTConfig
 from vlm_jax.parallel.sharding import constrain
 
@@ -32,6 +33,18 @@ def sequence_mask(segment_ids_BxS: jax.Array, prefix_end_BxS: jax.Array) -> Mask
     and is seen by nothing."""
     return MaskSpec(causal=True, q_segment_ids_BxT=segment_ids_BxS, kv_segment_ids_BxS=segment_ids_BxS,
                     q_prefix_end_BxT=prefix_end_BxS)
+
+
+def drop_image_positions(segment_ids_BxS: jax.Array, image_slot_BxS: jax.Array, images: int, tokens_per_image: int,
+                         rate: float, key: jax.Array) -> jax.Array:
+    """Image-token dropout on rows: each of a row's `images` images keeps a random kept_count(N, rate) of its N
+    tokens; the positions of the others become padding (segment 0: they attend to nothing and nothing attends to
+    them). Rows keep their length and every kept position its RoPE position."""
+    rows, slots = segment_ids_BxS.shape[0], images * tokens_per_image
+    keep = kept_count(tokens_per_image, rate)
+    kept_BxM = kept_mask(key, rows * images, tokens_per_image, keep).reshape(rows, slots)
+    kept_BxS = jnp.take_along_axis(kept_BxM, jnp.clip(image_slot_BxS, 0, slots - 1), axis=1)
+    return jnp.where((image_slot_BxS >= 0) & ~kept_BxS, 0, segment_ids_BxS)
 
 
 class Projector(nnx.Module):
@@ -52,11 +65,14 @@ class VisionLanguageModel(nnx.Module):
     """ViT (pool "none") -> projector -> Gemma LM over rows of image and text positions."""
 
     def __init__(self, image: ViTConfig, lm: GemmaConfig, projector: str, rngs: nnx.Rngs,
-                 prior_lm: GemmaConfig | None = None):
-        """`prior_lm`: a frozen text-only reference LM for PRIOR token weighting (tasks/prior.py)."""
+                 prior_lm: GemmaConfig | None = None, image_token_dropout: float = 0.0):
+        """`prior_lm`: a frozen text-only reference LM for PRIOR token weighting (tasks/prior.py).
+        `image_token_dropout`: in training, the share of each image's tokens the LM does not see."""
         if image.pool != "none":
             raise ValueError(f"a VLM's image encoder passes every token on: model.image.pool must be 'none', "
                              f"not {image.pool!r}")
+        check_rate(image_token_dropout, "model.image_token_dropout")
+        self.image_token_dropout = image_token_dropout
         self.image_encoder = ViT(image, rngs)
         self.lm = GemmaLM(lm, rngs)
         self.projector = Projector(projector, image.encoder_spec().width, self.lm.width, lm.dtype, rngs)
@@ -77,10 +93,16 @@ class VisionLanguageModel(nnx.Module):
         x_BxSxD = jnp.where((image_slot_BxS >= 0)[..., None], image_BxSxD.astype(text_BxSxD.dtype), text_BxSxD)
         return constrain(x_BxSxD, ("activation_batch", "activation_length", "activation_embed"))
 
-    def __call__(self, batch: dict[str, jax.Array]) -> jax.Array:
-        """float32 logits [B, S, V] of every position of a row batch (the format of data_pipelines/packing.py)."""
+    def __call__(self, batch: dict[str, jax.Array], rngs: nnx.Rngs | None = None) -> jax.Array:
+        """float32 logits [B, S, V] of every position of a row batch (the format of data_pipelines/packing.py).
+        With `rngs` (training only) and `image_token_dropout` > 0, the LM sees a random share of each image's
+        tokens (`drop_image_positions`)."""
+        segment_ids_BxS = batch["segment_ids"]
+        if rngs is not None and self.image_token_dropout > 0:
+            segment_ids_BxS = drop_image_positions(segment_ids_BxS, batch["image_slot"], batch["images"].shape[1],
+                                                   self.num_image_tokens, self.image_token_dropout, rngs.dropout())
         x_BxSxD = self.embed(batch["tokens"], batch["image_slot"], self.encode_images(batch["images"]))
-        hidden = self.lm(x_BxSxD, batch["positions"], sequence_mask(batch["segment_ids"], batch["prefix_end"]))
+        hidden = self.lm(x_BxSxD, batch["positions"], sequence_mask(segment_ids_BxS, batch["prefix_end"]))
         return self.lm.logits(hidden)
 
     def reference_logits(self, batch: dict[str, jax.Array]) -> jax.Array:

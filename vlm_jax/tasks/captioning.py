@@ -86,17 +86,18 @@ class CaptioningTask(CaptionPredictions):
     def build_model(self, rngs: nnx.Rngs) -> Captioner:
         m = self.config.model
         image = vit_config(m, pool="none")
-        return Captioner(image, decoder_config(m, image.encoder_spec().width), rngs)
+        return Captioner(image, decoder_config(m, image.encoder_spec().width), rngs, m.image_token_dropout)
 
     def loss(self, model: Captioner, batch: dict[str, jax.Array], rngs: nnx.Rngs
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Token cross-entropy; a `masked_pred_prob` share of the rows (drawn from `rngs`) predicts in parallel."""
+        """Token cross-entropy; a `masked_pred_prob` share of the rows (drawn from `rngs`) predicts in parallel;
+        `rngs` also draw the patch and image-token dropout, if any."""
         caption = self.config.model.caption
         inputs, targets, mask = teacher_forcing(batch["text"])
         parallel_B = None
         if caption.masked_pred_prob > 0:
             parallel_B = jax.random.bernoulli(rngs(), caption.masked_pred_prob, (inputs.shape[0],))
-        logits = model(batch["image"], inputs, parallel_B)
+        logits = model(batch["image"], inputs, parallel_B, rngs)
         loss, metrics = caption_loss(logits, targets, mask, caption.loss_reduction, caption.label_smoothing)
         if parallel_B is not None:
             metrics["parallel_fraction"] = jnp.mean(parallel_B.astype(jnp.float32))

@@ -76,8 +76,9 @@ class CocaTask(CaptionPredictions):
 
     def loss(self, model: Coca, batch: dict[str, jax.Array], rngs: nnx.Rngs | None = None
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """(scalar loss, metrics) for one batch; deterministic (`rngs` is unused)."""
-        (zimg_BxE, ztxt_BxE), caption, caption_metrics = self.embed_pair_and_local_loss(model, batch)
+        """(scalar loss, metrics) for one batch; `rngs` (the step's randomness) draw the image tower's patch
+        dropout, if any; without them the loss is deterministic."""
+        (zimg_BxE, ztxt_BxE), caption, caption_metrics = self.embed_pair_and_local_loss(model, batch, rngs)
         contrastive, metrics = self.loss_from_embeddings(zimg_BxE, ztxt_BxE, *model.temperature())
         return contrastive + caption, {**metrics, **caption_metrics}
 
@@ -93,12 +94,12 @@ class CocaTask(CaptionPredictions):
         contrastive, metrics = self.contrastive.loss_from_embeddings(zimg_BxE, ztxt_BxE, log_scale, bias)
         return self.config.model.coca.contrastive_weight * contrastive, {**metrics, "contrastive_loss": contrastive}
 
-    def embed_pair_and_local_loss(self, model: Coca, batch: dict[str, jax.Array]
+    def embed_pair_and_local_loss(self, model: Coca, batch: dict[str, jax.Array], rngs: nnx.Rngs | None = None
                                   ) -> tuple[tuple[jax.Array, jax.Array], jax.Array, dict[str, jax.Array]]:
         """((image, text) embeddings, caption_weight x caption loss, caption metrics) from one forward pass.
         The caption loss is this batch's mean (per example or per token, as model.caption.loss_reduction)."""
         caption = self.config.model.caption
-        zimg_BxE, ztxt_BxE, logits_BxLxV = model(batch["image"], batch["text"])
+        zimg_BxE, ztxt_BxE, logits_BxLxV = model(batch["image"], batch["text"], rngs)
         _, targets_BxL, mask_BxL = teacher_forcing(batch["text"])
         loss, metrics = caption_loss(logits_BxLxV, targets_BxL, mask_BxL, caption.loss_reduction,
                                      caption.label_smoothing)

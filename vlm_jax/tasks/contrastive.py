@@ -55,14 +55,16 @@ class ContrastiveTask:
 
     def loss(self, model: TwoTowers, batch: dict[str, jax.Array], rngs: nnx.Rngs | None = None
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """(scalar loss, metrics) for one batch; deterministic (`rngs`, the step's randomness, is unused)."""
-        zimg_BxE, ztxt_BxE = self.embed_pair(model, batch)
+        """(scalar loss, metrics) for one batch; `rngs` (the step's randomness) draw the image tower's patch
+        dropout, if any; without them the loss is deterministic."""
+        zimg_BxE, ztxt_BxE = self.embed_pair(model, batch, rngs)
         return self.loss_from_embeddings(zimg_BxE, ztxt_BxE, *model.temperature())
 
     @staticmethod
-    def embed_pair(model: TwoTowers, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        """L2-normalised (image, text) embeddings of a batch: what micro-batching caches."""
-        return model.embed_image(batch["image"]), model.embed_text(batch["text"])
+    def embed_pair(model: TwoTowers, batch: dict[str, jax.Array], rngs: nnx.Rngs | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+        """L2-normalised (image, text) embeddings of a batch: what micro-batching caches. `rngs`: training."""
+        return model.embed_image(batch["image"], rngs), model.embed_text(batch["text"])
 
     @staticmethod
     def temperature(model: TwoTowers) -> tuple[jax.Array, jax.Array | None]:

@@ -32,7 +32,8 @@ def vit_config(m: ml_collections.ConfigDict, pool: str | None = None) -> ViTConf
     every token)."""
     shared, image, _ = ARCHITECTURES[m.arch]
     return ViTConfig(variant=m.image.variant, image_size=m.image.image_size, pool=pool or m.image.pool,
-                     posemb=m.image.posemb, **image, **shared, **_shared(m, m.image))
+                     posemb=m.image.posemb, patch_dropout=m.image.patch_dropout, **image, **shared,
+                     **_shared(m, m.image))
 
 
 def text_config(m: ml_collections.ConfigDict) -> TextConfig:

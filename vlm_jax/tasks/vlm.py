@@ -99,17 +99,19 @@ class VlmTask:
     def build_model(self, rngs: nnx.Rngs) -> VisionLanguageModel:
         m = self.config.model
         prior = None if m.vlm.prior_reference is None else gemma_config(reference_model_config(m.vlm.prior_reference))
-        return VisionLanguageModel(vit_config(m, pool="none"), gemma_config(m), m.vlm.projector, rngs, prior)
+        return VisionLanguageModel(vit_config(m, pool="none"), gemma_config(m), m.vlm.projector, rngs, prior,
+                                   m.image_token_dropout)
 
     def loss(self, model: VisionLanguageModel, batch: dict[str, jax.Array], rngs: nnx.Rngs | None = None
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Suffix-only token cross-entropy, per example then per batch (see the module docstring); with PRIOR,
-        each example's tokens weighted by the reference LM (tasks/prior.py)."""
+        each example's tokens weighted by the reference LM (tasks/prior.py). `rngs` (the step's randomness) draw
+        the image-token dropout, if any; without them the loss is deterministic."""
         weights = batch["loss_weights"]
         if model.prior_lm is not None:
             weights = prior_weights(model.reference_logits(batch), batch["targets"], weights, batch["segment_ids"],
                                     self.config.model.vlm.prior_alpha)
-        return weighted_token_loss(model(batch), batch["targets"], weights)
+        return weighted_token_loss(model(batch, rngs), batch["targets"], weights)
 
     def loss_weight(self, micro_batch: dict[str, jax.Array]) -> jax.Array:
         """A micro-batch's share of the loss when accumulating: its examples."""
@@ -191,6 +193,9 @@ def check_vlm_config(config: ml_collections.ConfigDict) -> None:
     if options.image_tokens != grid * grid:
         raise ConfigError(f"data.vlm.image_tokens is {options.image_tokens} but the image encoder ({image.variant} "
                           f"at {image.image_size} px) gives {grid * grid} tokens per image")
+    if m.image.patch_dropout > 0:
+        raise ConfigError("config key 'model.image.patch_dropout' must be 0 for task 'vlm': each image position of "
+                          "the rows names one of the encoder's tokens; use model.image_token_dropout")
     if options.row_length > m.lm.max_len:
         raise ConfigError(f"rows of {options.row_length} positions (image tokens and text) exceed model.lm.max_len "
                           f"{m.lm.max_len}, the longest sequence this model is configured for")
