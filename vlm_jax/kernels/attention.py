@@ -132,23 +132,26 @@ def dot_product_attention(
 
 
 def _xla_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, mask, softcap):
-    """Plain attention: kv heads repeated, T x S float32 logits (soft-capped if asked), softmax."""
+    """Plain attention: kv heads repeated, T x S float32 logits (soft-capped if asked), softmax.
+
+    Heads move next to the batch first ([B, H, T, D]), so both products are plain batched matrix products; with
+    the heads between the token axes XLA:CPU ran them 1.5x slower, fwd + bwd (BENCH-S, DESIGN.md). The scale
+    goes on q (T x D values) rather than on the T x S logits."""
     groups = q_BxTxHxD.shape[2] // k_BxSxKxD.shape[2]
-    k_BxSxHxD = jnp.repeat(k_BxSxKxD, groups, axis=2)
-    v_BxSxHxD = jnp.repeat(v_BxSxKxD, groups, axis=2)
     if mask is not None:
         dense = mask.dense(q_BxTxHxD.shape[1], k_BxSxKxD.shape[1])
         mask_BxTxS = dense if mask_BxTxS is None else mask_BxTxS & dense
     scale = q_BxTxHxD.shape[-1] ** -0.5
-    logits_BxHxTxS = jnp.einsum(
-        "bthd,bshd->bhts", q_BxTxHxD, k_BxSxHxD, preferred_element_type=jnp.float32) * scale
+    q_BxHxTxD = jnp.swapaxes(q_BxTxHxD * jnp.asarray(scale, q_BxTxHxD.dtype), 1, 2)
+    k_BxHxSxD = jnp.repeat(jnp.swapaxes(k_BxSxKxD, 1, 2), groups, axis=1)
+    v_BxHxSxD = jnp.repeat(jnp.swapaxes(v_BxSxKxD, 1, 2), groups, axis=1)
+    logits_BxHxTxS = jnp.einsum("bhtd,bhsd->bhts", q_BxHxTxD, k_BxHxSxD, preferred_element_type=jnp.float32)
     if softcap is not None:
         logits_BxHxTxS = softcap * jnp.tanh(logits_BxHxTxS / softcap)
     if mask_BxTxS is not None:
         logits_BxHxTxS = jnp.where(mask_BxTxS[:, None], logits_BxHxTxS, jnp.finfo(jnp.float32).min)
-    probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(v_BxSxHxD.dtype)
-    out_BxTxHxD = jnp.einsum("bhts,bshd->bthd", probs_BxHxTxS, v_BxSxHxD)
-    if mask_BxTxS is None:
-        return out_BxTxHxD
-    # rows with no visible key give zeros, as in every other implementation
-    return jnp.where(mask_BxTxS.any(-1)[:, :, None, None], out_BxTxHxD, 0).astype(out_BxTxHxD.dtype)
+    probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(v_BxHxSxD.dtype)
+    out_BxHxTxD = jnp.einsum("bhts,bhsd->bhtd", probs_BxHxTxS, v_BxHxSxD)
+    if mask_BxTxS is not None:  # rows with no visible key give zeros, as in every other implementation
+        out_BxHxTxD = jnp.where(mask_BxTxS.any(-1)[:, None, :, None], out_BxHxTxD, 0).astype(out_BxHxTxD.dtype)
+    return jnp.swapaxes(out_BxHxTxD, 1, 2)
