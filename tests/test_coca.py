@@ -107,7 +107,7 @@ class Outputs:
     def __init__(self, zimg, ztxt, logits, log_scale, bias):
         self.outputs, self.temp = (zimg, ztxt, logits), (log_scale, bias)
 
-    def __call__(self, image, text):
+    def __call__(self, image, text, rngs=None):
         return self.outputs
 
     def temperature(self):
