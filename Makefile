@@ -54,7 +54,7 @@ $(VENV)/.installed-tpu: $(VENV)/.installed
 test: $(VENV)/.installed-tpu
 	$(BIN)/python -m pytest -n 2 tests
 
-test-fast: $(VENV)/.installed-tpu  # the inner loop: everything but the end-to-end (slow) tests
+test-fast: $(VENV)/.installed-tpu  # the inner loop: everything but the slow tests (end-to-end runs, > 8 s)
 	$(BIN)/python -m pytest -n 2 -m "not slow" tests
 
 clean-demo:

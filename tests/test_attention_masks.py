@@ -44,6 +44,7 @@ def assert_close(got, want, name):
         np.testing.assert_allclose(a, b, atol=TOLERANCE, rtol=TOLERANCE, err_msg=f"{name} {part}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("feature", FEATURES)
 def test_every_implementation_matches_reference(feature):
     kind, softcap = FEATURES[feature]

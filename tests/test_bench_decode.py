@@ -1,10 +1,13 @@
 """`bench decode` runs both decoders on the configured model and reports their times (not timed itself)."""
 
+import pytest
+
 from vlm_jax.bench_decode import bench_decode
 
 from test_captioning import captioning_config
 
 
+@pytest.mark.slow
 def test_bench_decode_reports_cached_and_recomputed_rates():
     config = captioning_config()
     report = bench_decode(config, tokens=12, batch=2, repeats=1)

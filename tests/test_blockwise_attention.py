@@ -14,6 +14,7 @@ from vlm_jax.kernels.masks import MaskSpec
 from attention_cases import KINDS, LENGTHS, masks, random_inputs, reference, values_and_grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_blockwise_matches_reference_values_and_gradients(length, kind):
@@ -40,6 +41,7 @@ def test_memory_grows_linearly():
     assert ours * 8 <= theirs
 
 
+@pytest.mark.slow
 def test_dispatcher_errors_and_training_with_blockwise_attention():
     from vlm_jax.kernels.attention import dot_product_attention
     q, k = jnp.ones((1, 5, 4, 8)), jnp.ones((1, 7, 3, 8))

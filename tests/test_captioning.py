@@ -34,6 +34,7 @@ def images(batch=3, seed=0):
     return jnp.asarray(np.random.default_rng(seed).integers(0, 256, (batch, 16, 16, 3)), jnp.uint8)
 
 
+@pytest.mark.slow
 def test_decoder_masks_per_position():
     """Causal rows: a later position never reaches an earlier one; parallel-prediction rows: every position sees
     every other; cross-attention: every position sees every image token."""
@@ -97,11 +98,13 @@ def one_device_captioning():
     return run_steps(captioning_config(), jax.devices()[:1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", [dict(data=8), dict(data=2, fsdp=2, tensor=2)])
 def test_eight_devices_match_one_device(one_device_captioning, mesh):
     assert_same_history(run_steps(captioning_config(**mesh), jax.devices()), one_device_captioning)
 
 
+@pytest.mark.slow
 def test_save_restore_gives_identical_next_steps(tmp_path):
     step_fn, sharding, state, restored = trained_saved_restored(captioning_config(data=4, fsdp=2), tmp_path)
     for i in range(2, 4):  # the parallel-prediction draws come from the restored key too
@@ -124,6 +127,7 @@ def greedy_without_cache(task, model, pixels, length):
     return tokens[:, 1:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_cached_decoding_equals_recomputation(scan):
     """Cached greedy decoding equals greedy by recomputation token for token; beam search with one beam (no
@@ -191,6 +195,7 @@ def test_every_synthetic_caption_names_its_colour_and_shape():
     assert not caption_names_its_class("a red circle and a blue square", ["a red circle"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_scoring_classifier_and_perplexity_equal_direct_computation(remat):
     """The evaluators (mesh-sharded batches, prompts scored in chunks inside a jax loop) against per-pair

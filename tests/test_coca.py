@@ -114,6 +114,7 @@ class Outputs:
         return self.temp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss, reduction, smoothing", [("sigmoid", "example", 0.0), ("softmax", "token", 0.1)])
 def test_loss_and_gradients_equal_numpy(loss, reduction, smoothing):
     config = tiny_config()
@@ -152,6 +153,7 @@ def test_parallel_prediction_is_refused():
 
 # -- masks -----------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_text_inputs_are_teacher_forcing_and_the_cls_sees_no_padding():
     task, model = build(tiny_config())
     batch = make_batch()
@@ -199,6 +201,7 @@ def test_decoding_is_causal_and_cross_attends_to_every_caption_query():
 
 # -- decoding with the cache -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_cached_decoding_equals_recomputation(scan):
     config = tiny_config()
@@ -235,6 +238,7 @@ def test_cached_decoding_equals_recomputation(scan):
     np.testing.assert_array_equal(cached, reference)
 
 
+@pytest.mark.slow
 def test_bfloat16_scanned_rematerialised_model_trains():
     config = tiny_config()
     config.model.dtype, config.model.scan = "bfloat16", True
@@ -250,6 +254,7 @@ def test_bfloat16_scanned_rematerialised_model_trains():
 
 # -- micro-batching --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k, loss, reduction", [(2, "sigmoid", "example"), (4, "softmax", "token")])
 def test_microbatches_give_the_full_batch_loss_and_gradients(k, loss, reduction):
     config = tiny_config()
@@ -272,6 +277,7 @@ def test_microbatches_give_the_full_batch_loss_and_gradients(k, loss, reduction)
     assert float(np.abs(flat_whole["text_decoder/head/kernel"]).max()) > 0  # the caption term has gradients
 
 
+@pytest.mark.slow
 def test_microbatched_steps_on_eight_devices_match_the_whole_batch():
     """The train step with 2 micro-batches on a data x fsdp x tensor mesh (the collective loss) gives the same
     losses and gradient norms over 3 steps as the whole batch."""
@@ -296,6 +302,7 @@ def test_microbatched_steps_on_eight_devices_match_the_whole_batch():
 
 # -- LiT, parameter names, FLOPs -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_lit_freezes_the_vit_and_its_poolers():
     config = tiny_config()
     config.optim.freeze = "^image_"
@@ -353,6 +360,7 @@ def test_flops_match_the_compiled_forward():
 
 # -- meshes and checkpoints --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device_and_a_restore_steps_identically(tmp_path):
     """data x fsdp x tensor (the ring / all-gather contrastive part) against one device over 5 steps, and the
     steps after a save -> restore equal those of the original state."""

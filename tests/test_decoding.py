@@ -189,6 +189,7 @@ EXHAUSTIVE_TOYS = {"attention": lambda: (ToyLM(vocab=5, max_new_tokens=4, seed=7
                    "trigram": lambda: (TrigramLM(vocab=5, seed=1), 8)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("toy", sorted(EXHAUSTIVE_TOYS))
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_large_beam_equals_exhaustive_search(toy, alpha):

@@ -27,6 +27,7 @@ def inputs(batch, width=16, seed=0):
     return jnp.asarray(z[0], jnp.float32), jnp.asarray(z[1], jnp.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distributed, reference", PAIRS)
 @pytest.mark.parametrize("local_batch", [1, 3, 8])
 @pytest.mark.parametrize("shape, axes", [((8,), ("data",)), ((2, 4), ("data", "fsdp"))])

@@ -66,6 +66,7 @@ def one_error_line(capsys) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_finite_checkpoint_writes_results(workdirs, capsys):
     _, root = workdirs
     assert evaluate.main([f"--workdir={root / 'finite'}"]) == 0

@@ -42,6 +42,7 @@ def compare(attention, mask, q, k, v, cotangent, dtype, softcap=None):
             assert relative <= BF16_RELATIVE, f"{name}: relative error {relative:.4f}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("kind", KINDS)
@@ -51,6 +52,7 @@ def test_pallas_matches_reference(kind, length, dtype):
     compare(flash, mask, q, k, v, cotangent, dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length_q,length_k,kv_heads,kind", [
     (1, 197, 4, "full"),        # attention-pooling probe: one query over the image tokens
     (64, 300, 1, "causal"),     # multi-query, shorter queries than keys
@@ -105,6 +107,7 @@ def test_blocks_of_padding_are_never_loaded(platform):
     assert all(np.isfinite(np.asarray(x)).all() for x in got)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_streamed_tpu_kernel_in_tpu_interpret_mode(kind, dtype):
@@ -115,6 +118,7 @@ def test_streamed_tpu_kernel_in_tpu_interpret_mode(kind, dtype):
         compare(tpu_flash, masks(2, 197)[kind], q, k, v, cotangent, dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length,kind,kv_heads,dtype", [
     (1025, "causal", 1, jnp.float32),     # multi-query; 9 x 9 blocks of which 45 are visited
     (729, "prefix", 4, jnp.bfloat16),     # multi-head; prefix blocks visited in full, then causal
@@ -177,6 +181,7 @@ def demo_losses(attention_impl: str, steps: int = 2) -> list[float]:
     return losses
 
 
+@pytest.mark.slow
 def test_demo_model_trains_the_same_with_the_pallas_kernel():
     np.testing.assert_allclose(demo_losses("pallas"), demo_losses("xla"), rtol=1e-5, atol=1e-5)
 
@@ -212,6 +217,7 @@ def test_dispatch_choices_and_refusals():
         dot_product_attention(q, k, k, mask_BxTxS=jnp.ones((1, 5, 5), bool), impl="pallas")
 
 
+@pytest.mark.slow
 def test_sharded_kernel_step_matches_one_device():
     """On a data x fsdp x tensor mesh the kernel runs per device under shard_map (batch and heads split) and
     the losses equal the single-device XLA ones."""

@@ -120,6 +120,7 @@ def stack_blocks(blocks):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in sorted(blocks)])
 
 
+@pytest.mark.slow
 def test_scan_equals_loop_and_remat_changes_nothing():
     """Depth 3 with an LG pattern (not a multiple of the pattern), window 2: scanned == Python loop; remat's
     value and gradient equal the plain ones."""

@@ -80,6 +80,7 @@ def inputs(image_size: int, seed: int = 0):
     return pixels, tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, cls", [("siglip", transformers.SiglipModel), ("clip", transformers.CLIPModel)])
 def test_two_towers_export_matches_transformers(tmp_path, kind, cls):
     config = tiny_config(kind)
@@ -100,6 +101,7 @@ def test_two_towers_export_matches_transformers(tmp_path, kind, cls):
     np.testing.assert_allclose(outputs.logits_per_image.numpy(), ours_logits, atol=1e-3, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["siglip", "clip"])
 def test_scanned_and_unscanned_checkpoints_export_alike(kind):
     scanned = tiny_config(kind, scan=True)
@@ -193,6 +195,7 @@ def test_mismatches_name_the_difference():
         resolve_kind(tiny_config("clip"), "siglip")
 
 
+@pytest.mark.slow
 def test_realistic_siglip_b16_shapes_match_transformers(tmp_path):
     """SigLIP B/16 shapes (224 px, 12 layers of width 768) with random weights."""
     config = tiny_config("siglip", image_size=224, variant="B/16", width=768, depth=12, heads=12, mlp=3072)
@@ -210,6 +213,7 @@ def test_realistic_siglip_b16_shapes_match_transformers(tmp_path):
     np.testing.assert_allclose(outputs.text_embeds.numpy(), np.asarray(model.embed_text(tokens)), atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_lit_initialises_an_image_tower_from_a_siglip_folder(tmp_path, scan):
     from vlm_jax.param_init import initialise_from

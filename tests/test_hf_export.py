@@ -74,6 +74,7 @@ def test_softmax_siglip_exports_sharded_with_an_index_and_zero_bias(synthetic_sh
     reader.check()
 
 
+@pytest.mark.slow
 def test_bad_input_gets_one_line(synthetic_shards, tmp_path, capsys):
     make_workdir(tmp_path / "gap", synthetic_shards, ["model.image.pool=gap"])
     one_line_error(capsys, [f"--workdir={tmp_path / 'gap'}", f"--out={tmp_path / 'o'}"],

@@ -148,6 +148,7 @@ def spm_model(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gemma2", [False, True], ids=["gemma", "gemma2"])
 def test_export_matches_transformers(tmp_path, spm_model, gemma2):
     """Logits of prefix-LM rows within 1e-3 (the issue's bar), image features within 1e-4, and greedy answers

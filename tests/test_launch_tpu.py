@@ -195,6 +195,7 @@ def test_a_crashed_worker_stops_the_others(tmp_path, synthetic_shards):
     assert seconds < 45 and pod.processes() == [], (seconds, pod.processes())
 
 
+@pytest.mark.slow
 def test_a_worker_that_never_starts_is_named(tmp_path):
     pod = FakePod(tmp_path)
     assert pod.launch("up", "--accelerator-type=v5p-16", "--poll-s=0.05").returncode == 0
@@ -208,6 +209,7 @@ def test_a_worker_that_never_starts_is_named(tmp_path):
     assert "joined" not in run.stdout and pod.processes() == []
 
 
+@pytest.mark.slow
 def test_a_worker_that_starts_but_never_joins_is_named(tmp_path):
     """Worker 1 starts but hangs before jax.distributed; JAX's runtime aborts worker 0 at its timeout without
     naming anyone (SIGABRT, 134): the report names worker 1, the one that never registered."""
@@ -233,6 +235,7 @@ def stale_run(home: Path) -> subprocess.Popen:
     return process
 
 
+@pytest.mark.slow
 def test_two_slices_through_a_gs_stage_clear_stale_runs_and_stop(tmp_path):
     pod = FakePod(tmp_path)
     up = pod.launch("up", "--accelerator-type=v5p-8", "--node-count=2", "--stage=gs://bucket/staging",

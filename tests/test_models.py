@@ -35,6 +35,7 @@ def test_vit_b16_class_token_parameter_count():
     assert num_params(model) == 85_798_656
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,image,pool", [
     ("Ti/16", 224, "tok"), ("S/16", 224, "gap"), ("B/32", 224, "map"), ("L/14", 224, "tok"),
     ("So400m/14", 224, "map"), ("H/14", 224, "gap"), ("g/14", 224, "tok")])
@@ -67,6 +68,7 @@ def stack_blocks(blocks_state):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pool", ["map", "gap", "tok"])
 def test_scan_over_layers_matches_python_loop(pool):
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
@@ -79,6 +81,7 @@ def test_scan_over_layers_matches_python_loop(pool):
     np.testing.assert_allclose(scanned(x), loop(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
 def test_remat_policies_change_nothing_numerically(policy):
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
@@ -91,6 +94,7 @@ def test_remat_policies_change_nothing_numerically(policy):
                                nnx.grad(loss)(plain)["patch_embed"]["kernel"][...], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_is_close():
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     f32, bf16 = ViT(tiny_vit(), nnx.Rngs(0)), ViT(tiny_vit(dtype=jnp.bfloat16), nnx.Rngs(0))
@@ -106,6 +110,7 @@ def test_text_encoder_pooling_shapes(pool):
     assert TextEncoder(config, nnx.Rngs(0))(tokens).shape == (2, 16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
 def test_two_towers_embeddings_are_normalised_with_loss_specific_init(loss):
     text = TextConfig("mu", vocab_size=50, max_len=7, depth=1)

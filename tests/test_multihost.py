@@ -50,6 +50,7 @@ def test_unreachable_coordinator_is_a_one_line_error(tmp_path):
     assert "cannot reach the coordinator 127.0.0.1:9 (its roll call on port 10) within 3 s" in errors[0]
 
 
+@pytest.mark.slow
 def test_a_process_that_never_registers_is_named(tmp_path):
     """Processes 0 and 1 of 3 start, 2 never does: process 0 names it in one line within the timeout (JAX's
     runtime alone would abort process 0 without naming anyone), and process 1 is released with one line."""
@@ -72,6 +73,7 @@ CLUSTER_ENV_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "KUBERN
                         "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "VLM_JAX_")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cluster_env, cause", [
     ({}, "coordinator_address should be defined."),  # no cluster at all
     ({"OMPI_MCA_orte_hnp_uri": "4096.0;unparsable"},  # an Open MPI launch the runtime cannot read

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 LEAKY_TESTS = """
@@ -47,6 +49,7 @@ def sleeping(seconds: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_a_session_that_leaves_processes_fails_and_ends_them(tmp_path):
     result = run_session(tmp_path, LEAKY_TESTS)
     assert result.returncode != 0, result.stdout

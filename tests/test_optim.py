@@ -43,6 +43,7 @@ def test_no_decay_mask_covers_biases_norms_embeddings_and_temperature():
 DECAYED = "tower/fc/kernel"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["adamw", "adafactor"])
 @pytest.mark.parametrize("warmup_steps,first_lr", [(0, 1e-3), (5, 0.0)])
 def test_weight_decay_is_decoupled_and_scaled_by_the_schedule(name, warmup_steps, first_lr):

@@ -52,6 +52,7 @@ def step_key(seed: int, step: int) -> jax.Array:
 
 # -- the image tower ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pool", ["map", "gap", "tok"])
 def test_evaluation_keeps_every_token_bitwise(pool):
     plain, dropping = ViT(tiny_vit(pool=pool), nnx.Rngs(0)), ViT(tiny_vit(pool=pool, patch_dropout=0.5), nnx.Rngs(0))
@@ -99,6 +100,7 @@ def dropout_config(rate=0.5, **mesh):
     return config
 
 
+@pytest.mark.slow
 def test_a_two_tower_train_step_with_patch_dropout_is_finite_reproducible_and_drops():
     task, (layout, sharding, step_fn) = get_task(dropout_config()), setup(dropout_config(), jax.devices()[:1])
     history = history_of(step_fn, layout, sharding, steps=2)
@@ -108,6 +110,7 @@ def test_a_two_tower_train_step_with_patch_dropout_is_finite_reproducible_and_dr
     assert history["loss"][0] != float(evaluation)  # the step dropped patches
 
 
+@pytest.mark.slow
 def test_cached_embedding_microbatches_replay_their_dropout():
     """With micro-batches the recomputation (step 3) draws micro-batch j's subsets again from fold_in(rng, j):
     the loss and gradients are those of the full batch embedded with those subsets."""
@@ -178,6 +181,7 @@ def build(config, seed=0):
     return task, task.build_model(nnx.Rngs(seed))
 
 
+@pytest.mark.slow
 def test_captioner_attends_to_a_per_example_subset_in_training_only():
     config = captioning_config()
     config.model.image.variant = "mu/4"
@@ -202,6 +206,7 @@ def test_captioner_attends_to_a_per_example_subset_in_training_only():
     assert np.isfinite(float(loss))
 
 
+@pytest.mark.slow
 def test_captioning_train_step_with_both_dropouts_is_finite():
     config = captioning_config()
     config.model.image.variant, config.model.image.patch_dropout, config.model.image_token_dropout = "mu/4", 0.5, 0.5
@@ -227,6 +232,7 @@ def test_vlm_rows_mask_a_per_image_subset_of_image_positions():
     assert len(set(kept_patches)) > 1
 
 
+@pytest.mark.slow
 def test_vlm_image_token_dropout_in_training_only():
     config = vlm_config()
     _, plain = build(config)

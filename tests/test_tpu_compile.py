@@ -40,6 +40,7 @@ def compile_on(generation: str, program, *args):
     return jax.jit(program).lower(*on_one_chip(generation, args)).compile()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("length", [197, 729, 1025, 4096])
 @pytest.mark.parametrize("generation", GENERATIONS)
@@ -66,6 +67,7 @@ def test_long_prefix_lm_gqa_streams_in_bfloat16(generation, length):
     assert max(vmem.values()) < 2**20, vmem  # a few tiles, not one head's keys and values (8 MiB at 32k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("generation", GENERATIONS)
 def test_splash_and_blockwise_compile(generation):
     splash = forward_and_backward(splash_attention)
@@ -96,6 +98,7 @@ CHOICE_CASES = ([(length, kind, dtype, False) for length in (1025, 8192) for kin
                 + [(1024, "causal", jnp.bfloat16, False), (1025, "full", jnp.float32, True)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("generation", GENERATIONS)
 def test_auto_picks_only_what_compiles_on_tpu(generation):
     """`auto` on the TPU backend compiles forward + backward in every case, and the compiled program holds

@@ -81,6 +81,7 @@ def test_paligemma_recipe_step_compiles_for_v5p_256_with_the_prefix_lm_kernel():
     assert per_device + memory.temp_size_in_bytes < 95 * 2**30
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("generation", GENERATIONS)
 def test_compiled_step_holds_the_mosaic_kernel_where_pallas_is_chosen(generation):
     """The kernel platform follows the mesh's devices (TPU), not this host's backend (CPU): forward, dq and
@@ -90,6 +91,7 @@ def test_compiled_step_holds_the_mosaic_kernel_where_pallas_is_chosen(generation
     assert mosaic_kernels(compile_step(DEMO, devices(generation))) == 0  # auto: short sequences go to XLA
 
 
+@pytest.mark.slow
 def test_data_fsdp_tensor_mesh_compiles_with_the_kernel():
     eight_chips = tpu_devices(parse_topology("v5e-8"))
     compiled = compile_step(DEMO, eight_chips, ["model.attention_impl=pallas", "mesh.data=2", "mesh.fsdp=2",
@@ -97,6 +99,7 @@ def test_data_fsdp_tensor_mesh_compiles_with_the_kernel():
     assert mosaic_kernels(compiled) == 3 * DEMO_ATTENTION_LAYERS
 
 
+@pytest.mark.slow
 def test_two_slice_mesh_compiles_with_the_kernel():
     two_slices = devices("v5e", slices=2)
     assert {device.slice_index for device in two_slices} == {0, 1}

@@ -148,6 +148,7 @@ def test_empty_shard_list(data_dir, tmp_path):
     assert_one_line_error(result, "no shards match")
 
 
+@pytest.mark.slow
 def test_unusable_shards_stop_the_run(data_dir, tmp_path):
     for i in range(3):
         (tmp_path / f"{i}.tar").write_bytes(os.urandom(2048))
@@ -186,6 +187,7 @@ def test_resume_refuses_config_changes_unless_allowed(data_dir, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, message", [
     ("--config.mesh.data=3", "mesh sizes {'data': 3, 'fsdp': 1, 'sequence': 1, 'tensor': 1} multiply to 3, "
                              "but there are 8 devices"),

@@ -69,6 +69,7 @@ def single_device_history():
     return run_steps(tiny_config(), jax.devices()[:1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", [dict(data=8), dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2),
                                   dict(data=1, fsdp=8), dict(data=4, tensor=2)])
 def test_eight_devices_match_one_device(single_device_history, mesh):
@@ -97,6 +98,7 @@ def trained_saved_restored(config, tmp_path, steps=2):
     return step_fn, sharding, state, restored
 
 
+@pytest.mark.slow
 def test_save_restore_gives_identical_state_and_next_steps(tmp_path):
     """Everything comes back (step, key, parameters, optimizer moments and count), and the next 3 steps of the
     restored state equal those of the original."""
@@ -122,6 +124,7 @@ GOLDEN_LOSS = 10.152155
 GOLDEN_GRAD_NORM = 71.29122
 
 
+@pytest.mark.slow
 def test_golden_one_step():
     history = run_steps(tiny_config(), jax.devices()[:1], steps=1)
     np.testing.assert_allclose(history["loss"][0], GOLDEN_LOSS, rtol=2e-5)
@@ -162,6 +165,7 @@ def test_freeze_regex_matching_nothing_fails():
         setup(config, jax.devices()[:1])
 
 
+@pytest.mark.slow
 def test_step_makes_no_hidden_host_device_transfers():
     config = tiny_config(data=8)
     layout, sharding, step_fn = setup(config, jax.devices())
@@ -200,6 +204,7 @@ def test_parameter_table_and_replication_check():
         check_replication(parameter_rows(layout.abstract_state["params"], layout.shardings["params"]), 8, 0.2)
 
 
+@pytest.mark.slow
 def test_fsdp8_state_bytes_per_device_are_an_eighth():
     """Compiled per-device argument bytes of params + optimizer state with fsdp=8 <= 1.1 x total / 8."""
     config = tiny_config(data=1, fsdp=8)
@@ -216,6 +221,7 @@ def test_fsdp8_state_bytes_per_device_are_an_eighth():
     assert per_device <= 1.1 * state_bytes / 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss, mesh", [("sigmoid", dict(data=2, fsdp=2, tensor=2)), ("softmax", dict(data=8)),
                                         ("sigmoid", dict(data=1))])
 def test_microbatches_give_the_full_batch_loss_and_gradients(loss, mesh):
@@ -230,6 +236,7 @@ def test_microbatches_give_the_full_batch_loss_and_gradients(loss, mesh):
     assert_same_history(history_of(step_fn, layout, sharding), whole)
 
 
+@pytest.mark.slow
 def test_multislice_mesh_keeps_ici_axes_inside_a_slice():
     """dcn_data=2 x data=2 x fsdp=2 on 8 devices: the data axis crosses the two (simulated) slices only at
     its dcn part, and training matches one device."""
@@ -244,6 +251,7 @@ def test_multislice_mesh_keeps_ici_axes_inside_a_slice():
         make_mesh(tiny_config(data=8, dcn_data=2).mesh)
 
 
+@pytest.mark.slow
 def test_activations_carry_logical_sharding_constraints_and_sequence_sharding_matches():
     config = tiny_config(data=2, sequence=2, tensor=2)
     layout, sharding, step_fn = setup(config, jax.devices())

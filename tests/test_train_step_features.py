@@ -73,6 +73,7 @@ def draws(step_fn, state, sharding, steps):
     return state, values
 
 
+@pytest.mark.slow
 def test_step_randomness_comes_from_the_state_key_and_survives_a_restore(tmp_path):
     config = tiny_config(data=2, fsdp=2, tensor=2)
     task, layout, sharding = setup_with(RandomProbeTask, config, jax.devices())
@@ -98,6 +99,7 @@ def test_step_randomness_comes_from_the_state_key_and_survives_a_restore(tmp_pat
     assert other_seed != uninterrupted
 
 
+@pytest.mark.slow
 def test_only_parameters_are_optimised_other_variables_are_carried():
     config = tiny_config()
     config.optim.warmup_steps = 0
@@ -121,6 +123,7 @@ def step_flops(config):
     return step_fn.lower(layout.abstract_state, batch).compile().cost_analysis()["flops"]
 
 
+@pytest.mark.slow
 def test_lit_runs_no_backward_pass_through_the_frozen_tower():
     """Full training costs ~3x forward in both towers; LiT only the image tower's forward plus 3x the text
     tower's. The old step kept the image backward alive (its gradients fed grad_norm): the same FLOPs as full."""
@@ -132,6 +135,7 @@ def test_lit_runs_no_backward_pass_through_the_frozen_tower():
     assert ratio < 0.85
 
 
+@pytest.mark.slow
 def test_grad_norm_covers_trainable_parameters_only():
     config = tiny_config()
     config.optim.freeze = LIT_FREEZE
@@ -146,6 +150,7 @@ def test_grad_norm_covers_trainable_parameters_only():
     np.testing.assert_allclose(float(metrics["grad_norm"]), expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", [dict(data=1), dict(data=2, fsdp=2, tensor=2)])
 def test_plain_accumulation_gives_the_full_batch_token_weighted_loss_and_gradients(mesh):
     config = tiny_config(**mesh)

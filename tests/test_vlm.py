@@ -94,6 +94,7 @@ def loss_and_grads(task, model, batch):
     return float(value), jax.tree.leaves(grads)
 
 
+@pytest.mark.slow
 def test_packed_rows_give_the_unpacked_loss_and_gradients():
     task, model = build(vlm_config())
     items = examples()
@@ -106,6 +107,7 @@ def test_packed_rows_give_the_unpacked_loss_and_gradients():
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_loss_is_the_suffix_only_per_example_mean_and_ignores_prefix_labels():
     task, model = build(vlm_config())
     batch = unpacked_rows(examples())
@@ -121,6 +123,7 @@ def test_loss_is_the_suffix_only_per_example_mean_and_ignores_prefix_labels():
     np.testing.assert_array_equal(float(task.loss(model, changed)[0]), float(loss))
 
 
+@pytest.mark.slow
 def test_cached_decoding_equals_recomputation_and_ignores_prompt_padding():
     """Cached greedy decoding equals recomputation; a row's answer does not depend on the left padding its prompt
     gets in a batch, with sliding-window layers (window 4) shorter than the context."""
@@ -181,6 +184,7 @@ def history_of_vlm(config, devices, steps=3):
     return history
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device(one_device_vlm):
     """fsdp x tensor over 8 devices, packed rows."""
     mesh = dict(data=1, fsdp=4, tensor=2)
@@ -221,6 +225,7 @@ def layout_mesh(layout):
     return jax.tree.leaves(layout.shardings["params"])[0].mesh
 
 
+@pytest.mark.slow
 def test_initialising_from_a_contrastive_workdir_gives_its_image_embeddings(tmp_path):
     source = contrastive_workdir(tmp_path)
     config = vlm_config()
@@ -231,6 +236,7 @@ def test_initialising_from_a_contrastive_workdir_gives_its_image_embeddings(tmp_
     np.testing.assert_array_equal(np.asarray(tokens.mean(axis=1)), np.asarray(source.image_encoder(images)))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_shape_is_refused_naming_the_parameter(tmp_path):
     from vlm_jax.config import ConfigError
     contrastive_workdir(tmp_path, width=48)
@@ -258,6 +264,7 @@ def test_frozen_towers_are_bit_identical_after_training_steps():
     assert not np.array_equal(before["projector"]["fc1"]["kernel"], after["projector"]["fc1"]["kernel"])
 
 
+@pytest.mark.slow
 def test_prior_weighting_changes_the_loss_as_specified(tmp_path):
     """With a reference LM: each example's loss is sum_i w_i / sum_j w_j * nll_i, w = (1 - p_ref) ** alpha; the
     reference reads the text only (images do not change it) and gets no gradient."""
