@@ -45,17 +45,20 @@ MAX_GPUS_PER_NODE = 8
 GPU_COORDINATOR_PORT = 6002
 DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 
-# Runs "$@" in the background, forwards SIGTERM to it, and exits with its status (a wait interrupted by the
-# trap returns early, so wait again while the trainer lives). No $(...): Kubernetes would try to expand it.
+# Runs "$@" in the background, forwards SIGTERM to it, and exits with its status. A wait cut short by the trap
+# returns 143 whether or not the trainer has ended, so wait again after every trap; a wait for a status already
+# collected answers 127 and keeps the one before. No $(...): Kubernetes would try to expand it.
 WRAPPER = """\
-trap 'echo "launch.gke: SIGTERM forwarded to the trainer" >&2; kill -TERM "$child" 2>/dev/null' TERM
+trap 'interrupted=1; echo "launch.gke: SIGTERM forwarded to the trainer" >&2; kill -TERM "$child" 2>/dev/null' TERM
 "$@" &
 child=$!
-wait "$child"
-status=$?
-while kill -0 "$child" 2>/dev/null; do
+status=127
+while :; do
+  interrupted=
   wait "$child"
-  status=$?
+  code=$?
+  [ "$code" -ne 127 ] && status=$code
+  [ -z "$interrupted" ] && break
 done
 exit "$status"
 """
