@@ -27,9 +27,10 @@ def get_config(arg=None):
     c.model.decoder.width, c.model.decoder.depth = 96, 2
     c.model.decoder.mlp_dim, c.model.decoder.num_heads = 384, 4
     # CapPa's parallel prediction share. Measured on this data within the 10-minute budget (README), any share
-    # slowed the image tower's learning of shape: 0.75 -> 25-38%, 0.5 -> 44%, 0.25 -> 38-66% scoring-classifier
-    # top-1 against 94% for plain captioning (0.0). Pass --config.model.caption.masked_pred_prob=0.75 for
-    # CapPa's recipe.
+    # slowed the learning of shape (through the decoder both kinds of rows share, not the parallel rows' own
+    # gradient into the image tower): 0.75 -> 25-38%, 0.5 -> 44%, 0.25 -> 38-66% scoring-classifier top-1
+    # against 94% for plain captioning (0.0). Pass --config.model.caption.masked_pred_prob=0.75 for CapPa's
+    # recipe.
     c.model.caption.masked_pred_prob = 0.0
     c.evals = {"perplexity": {}, "scoring_classifier": {"every": 0}, "captioning": {"every": 0}}
     return c
