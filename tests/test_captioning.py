@@ -106,13 +106,50 @@ def test_eight_devices_match_one_device(one_device_captioning, mesh):
 
 @pytest.mark.slow
 def test_save_restore_gives_identical_next_steps(tmp_path):
-    step_fn, sharding, state, restored = trained_saved_restored(captioning_config(data=4, fsdp=2), tmp_path)
-    for i in range(2, 4):  # the parallel-prediction draws come from the restored key too
+    config = captioning_config(data=4, fsdp=2)
+    config.model.caption.masked_pred_start_step = 3  # the share starts after the restore
+    step_fn, sharding, state, restored = trained_saved_restored(config, tmp_path)
+    fractions = []
+    for i in range(2, 5):  # the parallel-prediction draws come from the restored key and step too
         batch = to_global_batch(make_batch(i), sharding)
         state, expected = step_fn(state, batch)
         restored, resumed = step_fn(restored, batch)
         assert float(resumed["loss"]) == float(expected["loss"])
         assert float(resumed["parallel_fraction"]) == float(expected["parallel_fraction"])
+        fractions.append(float(expected["parallel_fraction"]))
+    assert fractions[0] == 0 and max(fractions[1:]) > 0
+
+
+def test_parallel_share_starts_at_its_step():
+    """Before masked_pred_start_step every row is autoregressive (the loss is plain captioning's, with the same
+    draws); from it on the rows are those of a share that starts at once."""
+    config = captioning_config()
+    config.model.caption.masked_pred_start_step = 5
+    task, model, batch = get_task(config), build(config), {k: jnp.asarray(v) for k, v in make_batch(0).items()}
+    plain_config = captioning_config()
+    plain_config.model.caption.masked_pred_prob = 0.0
+    at_once_config = captioning_config()
+
+    def loss(task_config, step):
+        return get_task(task_config).loss(model, batch, nnx.Rngs(3), step=jnp.int32(step))
+
+    for step in (0, 4):
+        np.testing.assert_array_equal(loss(config, step)[0], loss(plain_config, step)[0])
+        assert float(loss(config, step)[1]["parallel_fraction"]) == 0
+    for step in (5, 9):
+        (shared, metrics), (reference, reference_metrics) = loss(config, step), loss(at_once_config, step)
+        np.testing.assert_array_equal(shared, reference)
+        assert float(metrics["parallel_fraction"]) == float(reference_metrics["parallel_fraction"]) > 0
+    assert float(loss(config, 5)[0]) != float(loss(plain_config, 5)[0])
+    assert task.loss(model, batch, nnx.Rngs(3))[0] == loss(at_once_config, 0)[0]  # no step: the share applies
+
+
+@pytest.mark.parametrize("prob, start", [(0.0, 10), (0.75, -1)])
+def test_bad_parallel_start_is_one_line(prob, start):
+    config = captioning_config()
+    config.model.caption.masked_pred_prob, config.model.caption.masked_pred_start_step = prob, start
+    with pytest.raises(ValueError, match="masked_pred_start_step"):
+        get_task(config)
 
 
 def greedy_without_cache(task, model, pixels, length):

@@ -22,8 +22,8 @@ LIT_FREEZE = r"^(image_encoder|image_proj)/"
 class RandomProbeTask(ContrastiveTask):
     """The contrastive loss, reporting one uniform draw from the step's randomness."""
 
-    def loss(self, model, batch, rngs=None):
-        loss, metrics = super().loss(model, batch, rngs)
+    def loss(self, model, batch, rngs=None, step=None):
+        loss, metrics = super().loss(model, batch, rngs, step)
         return loss, {**metrics, "draw": jax.random.uniform(rngs.dropout())}
 
 
@@ -35,9 +35,9 @@ class CountingTask(ContrastiveTask):
         model.examples_seen = nnx.BatchStat(jnp.zeros((), jnp.float32))
         return model
 
-    def loss(self, model, batch, rngs=None):
+    def loss(self, model, batch, rngs=None, step=None):
         model.examples_seen.value = model.examples_seen.value + batch["text"].shape[0]
-        return super().loss(model, batch, rngs)
+        return super().loss(model, batch, rngs, step)
 
 
 class PerTokenTask(ContrastiveTask):
@@ -50,7 +50,7 @@ class PerTokenTask(ContrastiveTask):
     def loss_weight(batch):
         return jnp.sum(batch["text"] > 0)
 
-    def loss(self, model, batch, rngs=None):
+    def loss(self, model, batch, rngs=None, step=None):
         zimg, ztxt = self.embed_pair(model, batch)
         tokens = jnp.sum(batch["text"] > 0, axis=1).astype(jnp.float32)
         per_example = jnp.sum((zimg - ztxt) ** 2, axis=1)

@@ -149,6 +149,9 @@ def base_config() -> ml_collections.ConfigDict:
     # CapPa: this share of examples (per example, at random) predicts every token at once from [MASK] inputs with
     # full attention; 0 is plain autoregressive captioning. CapPa's paper uses 0.75.
     c.model.caption.masked_pred_prob = 0.0
+    # Train steps before the parallel share starts: every row is autoregressive until this step, then
+    # masked_pred_prob applies (0: from the first step, as in the paper).
+    c.model.caption.masked_pred_start_step = 0
     # "example": per-example mean over its tokens, then the batch mean (big_vision); "token": mean over every
     # supervised token of the batch (open_clip).
     c.model.caption.loss_reduction = "example"

@@ -29,7 +29,8 @@ def make_train_step(task, layout: StateLayout, batch_sharding: NamedSharding, mi
     no backward pass. With `microbatches` > 1 the batch is processed in pieces, with one piece's activation memory:
     tasks whose loss couples the examples (contrastive) cache embeddings (`task.microbatching =
     "cached_embeddings"`), the others accumulate gradients. Either way the loss and gradients are the full batch's.
-    Metrics: the task's, plus loss, grad_norm (before clipping, trainable parameters only), lr, and `finite`
+    Every task's loss is called as `task.loss(model, batch, rngs, step=...)`, `step` the state's step number
+    (a traced int32 scalar) for objectives that change during training. Metrics: the task's, plus loss, grad_norm (before clipping, trainable parameters only), lr, and `finite`
     (loss, gradients and the updated parameters finite) for the trainer's health check.
     """
     data_ways = shard_factor(batch_sharding)
@@ -50,7 +51,7 @@ def make_train_step(task, layout: StateLayout, batch_sharding: NamedSharding, mi
 
         def loss_of(params, micro_batch, micro_rng):
             model = merge(params, micro_rng)
-            loss, metrics = task.loss(model, micro_batch, nnx.Rngs(micro_rng))
+            loss, metrics = task.loss(model, micro_batch, nnx.Rngs(micro_rng), step=state["step"])
             return loss, (metrics, nnx.to_pure_dict(nnx.state(model, nnx.Not((nnx.Param, nnx.RngState)))))
 
         if microbatches > 1 and mode == "cached_embeddings":

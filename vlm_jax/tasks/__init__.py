@@ -1,4 +1,8 @@
-"""Objectives: each supplies the model constructor, the loss, the metrics and the predict functions."""
+"""Objectives: each supplies the model constructor, the loss, the metrics and the predict functions.
+
+The train step calls `task.loss(model, batch, rngs, step=step)`: `rngs` the step's randomness, `step` its number
+(a traced int32 scalar) for an objective that changes during training; both may be left out outside training.
+"""
 
 from __future__ import annotations
 

@@ -72,9 +72,12 @@ class CaptioningTask(CaptionPredictions):
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None = None):
         self.config, self.mesh = config, mesh
-        masked = config.model.caption.masked_pred_prob
+        masked, start = config.model.caption.masked_pred_prob, config.model.caption.masked_pred_start_step
         if not 0 <= masked <= 1:
             raise ValueError(f"model.caption.masked_pred_prob must be in [0, 1], got {masked}")
+        if start < 0 or (start > 0 and masked == 0):
+            raise ValueError(f"model.caption.masked_pred_start_step must be 0, or positive with masked_pred_prob > 0; "
+                             f"got {start} with masked_pred_prob {masked}")
 
     def abstract_batch(self, batch_size: int, sharding=None) -> dict[str, jax.ShapeDtypeStruct]:
         """Shapes and dtypes of one global batch as the input pipeline delivers it (uint8 images)."""
@@ -88,15 +91,19 @@ class CaptioningTask(CaptionPredictions):
         image = vit_config(m, pool="none")
         return Captioner(image, decoder_config(m, image.encoder_spec().width), rngs, m.image_token_dropout)
 
-    def loss(self, model: Captioner, batch: dict[str, jax.Array], rngs: nnx.Rngs
+    def loss(self, model: Captioner, batch: dict[str, jax.Array], rngs: nnx.Rngs, step: jax.Array | None = None
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Token cross-entropy; a `masked_pred_prob` share of the rows (drawn from `rngs`) predicts in parallel;
-        `rngs` also draw the patch and image-token dropout, if any."""
+        """Token cross-entropy; a `masked_pred_prob` share of the rows (drawn from `rngs`) predicts in parallel,
+        none before train step `masked_pred_start_step` (`step` None: the share applies); `rngs` also draw the
+        patch and image-token dropout, if any."""
         caption = self.config.model.caption
         inputs, targets, mask = teacher_forcing(batch["text"])
         parallel_B = None
         if caption.masked_pred_prob > 0:
+            # Drawn at every step, so the dropout draws that follow use the same keys before and after the start.
             parallel_B = jax.random.bernoulli(rngs(), caption.masked_pred_prob, (inputs.shape[0],))
+            if caption.masked_pred_start_step > 0 and step is not None:
+                parallel_B = parallel_B & (step >= caption.masked_pred_start_step)
         logits = model(batch["image"], inputs, parallel_B, rngs)
         loss, metrics = caption_loss(logits, targets, mask, caption.loss_reduction, caption.label_smoothing)
         if parallel_B is not None:

@@ -74,10 +74,10 @@ class CocaTask(CaptionPredictions):
     def build_model(self, rngs: nnx.Rngs) -> Coca:
         return Coca(self.model_config(), rngs)
 
-    def loss(self, model: Coca, batch: dict[str, jax.Array], rngs: nnx.Rngs | None = None
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def loss(self, model: Coca, batch: dict[str, jax.Array], rngs: nnx.Rngs | None = None,
+             step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(scalar loss, metrics) for one batch; `rngs` (the step's randomness) draw the image tower's patch
-        dropout, if any; without them the loss is deterministic."""
+        dropout, if any; without them the loss is deterministic. `step` is unused: the objective is fixed."""
         (zimg_BxE, ztxt_BxE), caption, caption_metrics = self.embed_pair_and_local_loss(model, batch, rngs)
         contrastive, metrics = self.loss_from_embeddings(zimg_BxE, ztxt_BxE, *model.temperature())
         return contrastive + caption, {**metrics, **caption_metrics}

@@ -53,10 +53,10 @@ class ContrastiveTask:
         return TwoTowers(vit_config(m), text_config(m), m.embed_dim, m.loss, rngs,
                          image_projection=m.image_projection, proj_bias=m.arch != "clip")
 
-    def loss(self, model: TwoTowers, batch: dict[str, jax.Array], rngs: nnx.Rngs | None = None
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def loss(self, model: TwoTowers, batch: dict[str, jax.Array], rngs: nnx.Rngs | None = None,
+             step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(scalar loss, metrics) for one batch; `rngs` (the step's randomness) draw the image tower's patch
-        dropout, if any; without them the loss is deterministic."""
+        dropout, if any; without them the loss is deterministic. `step` is unused: the objective is fixed."""
         zimg_BxE, ztxt_BxE = self.embed_pair(model, batch, rngs)
         return self.loss_from_embeddings(zimg_BxE, ztxt_BxE, *model.temperature())
 

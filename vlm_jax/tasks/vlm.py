@@ -102,11 +102,12 @@ class VlmTask:
         return VisionLanguageModel(vit_config(m, pool="none"), gemma_config(m), m.vlm.projector, rngs, prior,
                                    m.image_token_dropout)
 
-    def loss(self, model: VisionLanguageModel, batch: dict[str, jax.Array], rngs: nnx.Rngs | None = None
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def loss(self, model: VisionLanguageModel, batch: dict[str, jax.Array], rngs: nnx.Rngs | None = None,
+             step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Suffix-only token cross-entropy, per example then per batch (see the module docstring); with PRIOR,
         each example's tokens weighted by the reference LM (tasks/prior.py). `rngs` (the step's randomness) draw
-        the image-token dropout, if any; without them the loss is deterministic."""
+        the image-token dropout, if any; without them the loss is deterministic. `step` is unused: the objective
+        is fixed."""
         weights = batch["loss_weights"]
         if model.prior_lm is not None:
             weights = prior_weights(model.reference_logits(batch), batch["targets"], weights, batch["segment_ids"],
