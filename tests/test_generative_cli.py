@@ -11,7 +11,8 @@ from test_train_cli import ROOT, TINY, run
 
 CAPPA = "configs/demo/cappa_tiny.py"
 DECODER = ["--config.model.decoder.width=32", "--config.model.decoder.depth=1", "--config.model.text.max_len=8",
-           "--config.data.num_workers=0", "--config.model.caption.masked_pred_prob=0.5"]
+           "--config.data.num_workers=0", "--config.model.caption.masked_pred_prob=0.5",
+           "--config.model.caption.masked_pred_start_step=5"]
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,7 @@ def test_train_evaluate_generate(data_dir, tmp_path):
     last = [line for line in lines if "loss" in line][-1]
     assert last["data/truncated_captions"] > 0 and "data/skipped/truncated_captions" not in last
     assert {"token_nll", "token_accuracy", "parallel_fraction"} <= set(last)
+    assert [line["parallel_fraction"] > 0 for line in lines if "loss" in line] == [False, True]  # from step 5 on
     gallery = (workdir / "gallery.html").read_text()
     assert gallery.count("<img") == 16 and "beam search (beam 2" in gallery
     assert len((workdir / "captions.jsonl").read_text().splitlines()) == 16

@@ -1,14 +1,14 @@
-"""Tiny captioner (ViT encoder + text decoder; CapPa's architecture and loss, parallel prediction optional) on the
+"""Tiny CapPa (ViT encoder + text decoder, parallel prediction for 0.75 of the rows from step 1,500) on the
 synthetic shapes set.
 
     make demo-cappa   (the data, then the two commands below)
     python -m vlm_jax.train --config=configs/demo/cappa_tiny.py:demo_out/data --workdir=demo_out/cappa_tiny
     python -m vlm_jax.generate --workdir=demo_out/cappa_tiny --images=demo_out/data/eval --beam=4
 
-Hardware: 2 CPU cores. Measured (the training run: compile, 3,000 steps, evaluations) 579 s; scoring-classifier
-top-1 87.3% on the 24 held-out classes, greedy captions naming the right colour and shape for 87.4% of the 2,400
-held-out images, CIDEr-D 1.575, BLEU-4 0.127 (targets: >= 80% and >= 80% within 10 minutes). gallery.html,
-gallery.png and captions.jsonl land in the workdir.
+Hardware: 2 CPU cores. Measured from a fresh clone (the training run: compile, 3,000 steps, evaluations) 493 s;
+scoring-classifier top-1 85.1% on the 24 held-out classes, greedy captions naming the right colour and shape for
+85.3% of the 2,400 held-out images, CIDEr-D 1.593, BLEU-4 0.125 (targets: >= 80% and >= 80% within 10 minutes).
+gallery.html, gallery.png and captions.jsonl land in the workdir.
 The argument is the data directory written by make_shards (default demo_out/data).
 """
 
@@ -30,7 +30,7 @@ def get_config(arg=None):
     # share slowed the learning of shape on this data within the 10-minute budget (through the decoder both kinds
     # of rows share; README): 0.75 -> 25-38% scoring-classifier top-1 against 87% for plain captioning. Rows
     # that are all autoregressive until the decoder reads shape from the image tokens, then the paper's share,
-    # keep it (84.9% measured as a preempted-and-resumed run before this option existed).
+    # keep it (85.1%).
     c.model.caption.masked_pred_prob = 0.75
     c.model.caption.masked_pred_start_step = 1500
     c.evals = {"perplexity": {}, "scoring_classifier": {"every": 0}, "captioning": {"every": 0}}
