@@ -25,8 +25,9 @@ SHIPPED_CONFIGS = sorted(os.path.relpath(path, ROOT) for path in glob.glob(f"{RO
 # generation, are what they test.
 PAPER_CONFIGS = [path for path in SHIPPED_CONFIGS if path.startswith("configs/paper/")]
 PALIGEMMA = "configs/paper/paligemma_224.py"  # sharded for 128 chips: compiled for v5p-256 below
-# The VLM demos' steps are the PaliGemma recipe's at a tiny size; one generation keeps the suite's time.
-ONE_GENERATION = ("configs/demo/vlm_tiny.py", "configs/demo/lm_tiny.py")
+# The VLM demos' steps are the PaliGemma recipe's at a tiny size, and the data benchmark's is the base config's
+# B/16 (BENCH-D times the input pipeline, not the step): one generation keeps the suite's time.
+ONE_GENERATION = ("configs/demo/vlm_tiny.py", "configs/demo/lm_tiny.py", "configs/bench/data_256.py")
 PRIOR = "configs/demo/vlm_tiny_prior.py"  # reads its reference LM's saved config: compiled below
 DEMO = "configs/demo/clip_tiny.py"
 DEMO_ATTENTION_LAYERS = 3 + 2  # image and text blocks of the demo model
