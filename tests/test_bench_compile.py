@@ -41,7 +41,9 @@ def test_report_comes_from_the_tpu_compiler():
     assert report["argument_bytes_per_device"] >= report["params_bytes_per_device"]
     assert 0.8 < report["compiler_vs_model_flops"] < 1.5  # XLA's count against the analytic model FLOPs
     assert report["step_time_lower_bound_s"] == max(report["roofline_compute_s"], report["roofline_memory_s"])
-    assert 0 < report["mfu_ceiling"] <= 1
+    assert 0 < report["mfu_ceiling"] <= 1 and 0 < report["mfu_ceiling_bytes_accessed"] <= 1
+    assert report["roofline_memory_s"] == round(report["hbm_traffic_bytes_per_device"]
+                                                / report["hbm_bytes_per_s_per_device"], 6)
 
 
 @pytest.mark.slow

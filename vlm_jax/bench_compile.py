@@ -4,7 +4,9 @@ With jax's TPU support installed (the `tpu` extra: libtpu), the step is compiled
 for the named topology's devices (`parallel/topology.py`), Mosaic kernels included, from any host. The report
 gives the compiler's per-device HBM figures, its FLOP and byte counts next to the analytic model FLOPs, and a
 roofline lower bound on the step time from the chip's published peaks (compute or HBM traffic, whichever is
-slower; inter-chip communication is not modelled). Without libtpu, the same device count is simulated on CPU in
+slower; inter-chip communication is not modelled). The HBM traffic is read from the compiled program
+(`hbm_traffic.py`: buffers the compiler placed in HBM, each HBM <-> VMEM copy once); the compiler's own "bytes
+accessed", which also counts on-chip VMEM and each copy at both ends, gives a second, looser ceiling. Without libtpu, the same device count is simulated on CPU in
 a child process and the output says so: shardings and per-device argument bytes are those of the sharded
 program, but temporaries and costs come from XLA:CPU.
 """
@@ -18,6 +20,7 @@ import re
 import subprocess
 import sys
 
+from vlm_jax.hbm_traffic import hbm_traffic_bytes
 from vlm_jax.parallel.topology import GIB, Topology, parse_topology, tpu_devices
 
 
@@ -76,6 +79,7 @@ def compile_report(config, devices) -> dict:
         "aliased_bytes_per_device": memory.alias_size_in_bytes,
         "compiler_flops_per_device": float(cost.get("flops", 0.0)),
         "compiler_bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
+        "hbm_traffic_bytes_per_device": hbm_traffic_bytes(compiled.as_text())["hbm_bytes"],
     }
 
 
@@ -93,21 +97,29 @@ def _out_of_memory(message: str) -> dict | None:
 
 
 def roofline(report: dict, topology: Topology) -> dict:
-    """Lower bound on the step time from the chip's peaks, and the MFU ceiling it implies (nothing for a
+    """Lower bound on the step time from the chip's peaks (the compiler's FLOPs, the HBM traffic), and the MFU
+    ceiling it implies; the same ceiling with the compiler's "bytes accessed" as the memory term (nothing for a
     step the compiler refused)."""
     if "compiler_flops_per_device" not in report:
         return {}
     chip, per_device = topology.chip, topology.chips / report["devices"]  # chips per device (v4: 1/2)
     peak_flops, bandwidth = chip.peak_bf16_flops * per_device, chip.hbm_bytes_per_s * per_device
     compute_s = report["compiler_flops_per_device"] / peak_flops
-    memory_s = report["compiler_bytes_accessed_per_device"] / bandwidth
+    memory_s = report["hbm_traffic_bytes_per_device"] / bandwidth
+    bytes_accessed_s = report["compiler_bytes_accessed_per_device"] / bandwidth
+
+    def ceiling(bound_s: float) -> float | None:
+        return round(report["model_flops_per_device"] / (bound_s * peak_flops), 3) if bound_s else None
+
     bound_s = max(compute_s, memory_s)
     return {
         "compiler_vs_model_flops": round(report["compiler_flops_per_device"] / report["model_flops_per_device"], 3),
         "peak_flops_per_device": peak_flops, "hbm_bytes_per_s_per_device": bandwidth,
         "roofline_compute_s": round(compute_s, 6), "roofline_memory_s": round(memory_s, 6),
         "step_time_lower_bound_s": round(bound_s, 6), "bound_by": "compute" if compute_s >= memory_s else "memory",
-        "mfu_ceiling": round(report["model_flops_per_device"] / (bound_s * peak_flops), 3) if bound_s else None,
+        "mfu_ceiling": ceiling(bound_s),
+        "roofline_bytes_accessed_s": round(bytes_accessed_s, 6),
+        "mfu_ceiling_bytes_accessed": ceiling(max(compute_s, bytes_accessed_s)),
     }
 
 

@@ -131,6 +131,31 @@ def dot_product_attention(
                                         implementation="cudnn")
 
 
+@jax.custom_vjp
+def softmax_values(logits_BxHxTxS: jax.Array, v_BxHxSxD: jax.Array) -> jax.Array:
+    """softmax(logits) @ v, the probabilities in v's dtype. The backward pass keeps only those probabilities
+    and the output (no float32 T x S softmax), as flash attention does: dlogits = P * (dP - rowsum(dO * O))."""
+    return _softmax_values_forward(logits_BxHxTxS, v_BxHxSxD)[0]
+
+
+def _softmax_values_forward(logits_BxHxTxS, v_BxHxSxD):
+    probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(v_BxHxSxD.dtype)
+    out_BxHxTxD = jnp.einsum("bhts,bhsd->bhtd", probs_BxHxTxS, v_BxHxSxD)
+    return out_BxHxTxD, (probs_BxHxTxS, v_BxHxSxD, out_BxHxTxD)
+
+
+def _softmax_values_backward(residuals, d_out_BxHxTxD):
+    probs_BxHxTxS, v_BxHxSxD, out_BxHxTxD = residuals
+    d_probs_BxHxTxS = jnp.einsum("bhtd,bhsd->bhts", d_out_BxHxTxD, v_BxHxSxD, preferred_element_type=jnp.float32)
+    row_BxHxTx1 = jnp.sum(d_out_BxHxTxD.astype(jnp.float32) * out_BxHxTxD.astype(jnp.float32), -1, keepdims=True)
+    d_logits_BxHxTxS = probs_BxHxTxS.astype(jnp.float32) * (d_probs_BxHxTxS - row_BxHxTx1)
+    d_v_BxHxSxD = jnp.einsum("bhts,bhtd->bhsd", probs_BxHxTxS, d_out_BxHxTxD)
+    return d_logits_BxHxTxS, d_v_BxHxSxD
+
+
+softmax_values.defvjp(_softmax_values_forward, _softmax_values_backward)
+
+
 def _xla_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, mask, softcap):
     """Plain attention: kv heads repeated, T x S float32 logits (soft-capped if asked), softmax.
 
@@ -150,8 +175,7 @@ def _xla_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, mask, softcap):
         logits_BxHxTxS = softcap * jnp.tanh(logits_BxHxTxS / softcap)
     if mask_BxTxS is not None:
         logits_BxHxTxS = jnp.where(mask_BxTxS[:, None], logits_BxHxTxS, jnp.finfo(jnp.float32).min)
-    probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(v_BxHxSxD.dtype)
-    out_BxHxTxD = jnp.einsum("bhts,bhsd->bhtd", probs_BxHxTxS, v_BxHxSxD)
+    out_BxHxTxD = softmax_values(logits_BxHxTxS, v_BxHxSxD)
     if mask_BxTxS is not None:  # rows with no visible key give zeros, as in every other implementation
         out_BxHxTxD = jnp.where(mask_BxTxS.any(-1)[:, None, :, None], out_BxHxTxD, 0).astype(out_BxHxTxD.dtype)
     return jnp.swapaxes(out_BxHxTxD, 1, 2)
