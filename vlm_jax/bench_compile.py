@@ -6,9 +6,9 @@ gives the compiler's per-device HBM figures, its FLOP and byte counts next to th
 roofline lower bound on the step time from the chip's published peaks (compute or HBM traffic, whichever is
 slower; inter-chip communication is not modelled). The HBM traffic is read from the compiled program
 (`hbm_traffic.py`: buffers the compiler placed in HBM, each HBM <-> VMEM copy once); the compiler's own "bytes
-accessed", which also counts on-chip VMEM and each copy at both ends, gives a second, looser ceiling. Without libtpu, the same device count is simulated on CPU in
-a child process and the output says so: shardings and per-device argument bytes are those of the sharded
-program, but temporaries and costs come from XLA:CPU.
+accessed", which also counts on-chip VMEM and each copy at both ends, gives a second, looser ceiling. Without
+libtpu, the same device count is simulated on CPU in a child process and the output says so: shardings and
+per-device argument bytes are those of the sharded program, but temporaries and costs come from XLA:CPU.
 """
 
 from __future__ import annotations
