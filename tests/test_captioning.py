@@ -134,8 +134,9 @@ def test_parallel_share_starts_at_its_step():
         return get_task(task_config).loss(model, batch, nnx.Rngs(3), step=jnp.int32(step))
 
     for step in (0, 4):
-        np.testing.assert_array_equal(loss(config, step)[0], loss(plain_config, step)[0])
-        assert float(loss(config, step)[1]["parallel_fraction"]) == 0
+        (shared, metrics), (plain, _) = loss(config, step), loss(plain_config, step)
+        np.testing.assert_array_equal(shared, plain)
+        assert float(metrics["parallel_fraction"]) == 0
     for step in (5, 9):
         (shared, metrics), (reference, reference_metrics) = loss(config, step), loss(at_once_config, step)
         np.testing.assert_array_equal(shared, reference)
