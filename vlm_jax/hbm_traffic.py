@@ -58,9 +58,9 @@ def hbm_traffic_bytes(hlo_text: str) -> dict[str, int]:
     shape_of = {name: shape for name, shape, _, _ in instructions}
     hbm = all_spaces = 0
     for _, shape, opcode, operands in instructions:
-        operand_shapes = [shape_of.get(operand, "") for operand in operands]
         if opcode in _NO_TRAFFIC:
             continue
+        operand_shapes = [shape_of.get(operand, "") for operand in operands]
         all_spaces += array_bytes(shape, False) + sum(array_bytes(s, False) for s in operand_shapes)
         if opcode == "copy-start":  # one transfer between HBM and VMEM, whichever way
             hbm += array_bytes(operand_shapes[0], False)
